@@ -1,0 +1,36 @@
+# dcssdae developer commands. `make install` then `make test` is the whole set-up.
+PY      ?= .venv/bin/python
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+# Runs of the training recipes (override on the command line, e.g. make distill PHASE3_CKPT=...).
+RUNS        ?= runs
+PHASE3_CKPT ?= $(RUNS)/phase3/checkpoints/last.ckpt
+
+.PHONY: install test test-fast bench quickstart distill lint clean
+
+install:
+	python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]'
+
+test:
+	$(PY) -m pytest -q
+
+test-fast:
+	$(PY) -m pytest -q -m "not slow"
+
+bench:
+	$(PY) benchmarks/bench_networks.py
+	$(PY) benchmarks/bench_samplers.py
+	$(PY) benchmarks/bench_loader.py
+
+quickstart:
+	$(PY) -m dcssdae.cli fit --config configs/quickstart.yaml
+
+distill:
+	$(PY) -m dcssdae.cli fit --config configs/distill.yaml --model.init_from $(PHASE3_CKPT)
+
+lint:
+	$(PY) -m ruff check dcssdae tests benchmarks
+
+clean:
+	rm -rf .pytest_cache $(RUNS) lightning_logs

@@ -1,0 +1,26 @@
+"""DC-SSDAE: deep-compression encoder + single-step diffusion decoder trained with Equilibrium Matching.
+
+The public API is imported lazily so that `import dcssdae` stays cheap (no Lightning import).
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "build_encoder": "dcssdae.encoder",
+    "build_decoder": "dcssdae.decoder",
+    "Posterior": "dcssdae.encoder",
+    "sample": "dcssdae.sampling",
+    "EquilibriumMatching": "dcssdae.corruption",
+    "FlowMatching": "dcssdae.corruption",
+    "DCSSDAE": "dcssdae.autoencoder",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dcssdae' has no attribute {name!r}")
