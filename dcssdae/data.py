@@ -1,0 +1,622 @@
+"""Image data: WebDataset shards -> batches `{"image": (B,3,S,S) in [-1,1], "label": (B,), "key": [str]}`.
+
+Read top to bottom: decoding one image (any mode -> RGB), the train / validation transforms, the exact
+split of validation shards over ranks and workers, the two streaming datasets, and the
+`ImageNetDataModule` that LightningCLI configures.
+
+Shards are written by `dcssdae shards` (see `dcssdae/shards.py` for the sample format and the
+`manifest.json` beside them). Every sample holds the original image bytes under their real extension
+(`jpg`, `png`, `webp`, ...), `cls` (class index as text, -1 if unknown) and optional `json` metadata.
+
+Conventions (shared with the whole project):
+  * images are float32, NCHW, RGB, in [-1, 1] (uint8 value v becomes v / 127.5 - 1);
+  * `label` is a long tensor, -1 where the class is unknown (e.g. the default photos);
+  * `key` is the sample's `__key__` in its shard (unique within a data set).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import math
+import random
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+# Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ours are exact
+# (training: a fixed number of batches split over the workers; validation: counted from the manifest).
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+
+# File extensions under which a shard sample may hold its image (the writer uses the format PIL detects).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "jp2")
+
+# ------------------------------------------------------------------------------------------------
+# Decoding: bytes -> RGB PIL image, or ImageDecodeError. Pure, so it can be fuzzed.
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a decodable image (empty, unknown format, corrupt or truncated)."""
+
+
+def _to_8bit(a: np.ndarray, full_scale: float) -> np.ndarray:
+    """Scale integers or floats in [0, full_scale] to uint8 with rounding (65535 -> 255, 32768 -> 128)."""
+    return np.clip(np.rint(a.astype(np.float64) * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    """Composite an image with alpha onto a white background (what a browser shows on a white page)."""
+    rgba = img.convert("RGBA")
+    background = Image.new("RGB", rgba.size, (255, 255, 255))
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert a loaded PIL image of any mode to 8-bit RGB.
+
+    * 16-bit grey ("I;16*") is rescaled to 8 bits (v * 255 / 65535, rounded). 32-bit integer grey ("I")
+      is read as 16-bit data unless all values fit in 8 bits; float grey ("F") as [0, 1] if its
+      maximum is <= 1, else as [0, 255]. 16-bit RGB(A) PNGs are already reduced to 8 bits by PIL.
+    * CMYK (including Adobe's inverted CMYK JPEGs), YCbCr, LAB, HSV, 1-bit and grey go through PIL's
+      conversion. ICC profiles and EXIF orientation are ignored, as in torchvision's ImageFolder.
+    * Alpha (RGBA, LA, PA, palette with a transparent colour) is composited onto white.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16"):
+        return Image.fromarray(_to_8bit(np.asarray(img), 65535.0)).convert("RGB")
+    if mode == "I":
+        a = np.asarray(img)
+        return Image.fromarray(_to_8bit(a, 65535.0 if a.size and a.max() > 255 else 255.0)).convert("RGB")
+    if mode == "F":
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        return Image.fromarray(_to_8bit(a, 1.0 if a.size and a.max() <= 1.0 else 255.0)).convert("RGB")
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in img.info):
+        return _on_white(img)
+    return img.convert("RGB")
+
+
+# Magic numbers, to tell a damaged image file from a file that is no image at all.
+_MAGIC = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF8": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
+
+
+def _sniff(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for magic, fmt in _MAGIC.items() if data.startswith(magic)), None)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode image bytes (any format PIL reads) into an RGB PIL image; raise `ImageDecodeError` otherwise.
+
+    The full pixel data is decoded here (`load()`), so a truncated file fails now, not later.
+    Multi-frame files (GIF, TIFF, MPO) give their first frame.
+    """
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    fmt = "image"
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format or fmt
+        img.load()
+        return to_rgb(img)
+    except UnidentifiedImageError:
+        sniffed = _sniff(data)
+        if sniffed:
+            raise ImageDecodeError(f"corrupt or truncated {sniffed} (PIL cannot read its header)") from None
+        raise ImageDecodeError("not an image (PIL cannot identify the format)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"too many pixels: {e}") from None
+    except Exception as e:  # noqa: BLE001 (PIL raises OSError, ValueError, SyntaxError, struct.error, ...)
+        raise ImageDecodeError(f"corrupt or truncated {fmt}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Transforms (SSDD / DC-AE recipe). Resampling is bicubic with PIL's antialiasing; the resize reads
+# only the crop window (`resize(box=...)`), which equals "resize, then crop" but costs S*S outputs.
+
+
+def _resized_size(img: Image.Image, short_side: int) -> tuple[int, int]:
+    """(width, height) of `img` resized so that its short side is `short_side` (rounded like torchvision)."""
+    w, h = img.size
+    if w <= h:
+        return short_side, max(short_side, round(h * short_side / w))
+    return max(short_side, round(w * short_side / h)), short_side
+
+
+def _resize_crop(img: Image.Image, resized: tuple[int, int], left: int, top: int, size: int) -> Image.Image:
+    """The size x size window at (left, top) of `img` resized to `resized`, resampling only that window."""
+    sx, sy = resized[0] / img.width, resized[1] / img.height
+    box = (left / sx, top / sy, (left + size) / sx, (top + size) / sy)
+    return img.resize((size, size), Image.BICUBIC, box=box)
+
+
+def train_transform(img: Image.Image, size: int, aug_scale: float, rng: random.Random) -> Image.Image:
+    """Short side scaled to s ~ U[size, size * aug_scale], random size x size crop, flip with p = 1/2."""
+    w, h = _resized_size(img, round(rng.uniform(size, size * aug_scale)))
+    img = _resize_crop(img, (w, h), rng.randint(0, w - size), rng.randint(0, h - size), size)
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+
+def val_transform(img: Image.Image, size: int) -> Image.Image:
+    """Short side resized to `size`, centre crop size x size (images smaller than that are upscaled)."""
+    w, h = _resized_size(img, size)
+    return _resize_crop(img, (w, h), round((w - size) / 2), round((h - size) / 2), size)
+
+
+def collate(images: list[Image.Image], labels: list[int], keys: list[str]) -> dict:
+    """Stack RGB images into the project's batch dict (float in [-1, 1], channels first)."""
+    x = np.stack([np.asarray(img, dtype=np.uint8) for img in images]).transpose(0, 3, 1, 2)  # (B, 3, S, S)
+    x = np.ascontiguousarray(x)  # reorder while still uint8 (4x less to move than float)
+    x = torch.from_numpy(x).float().div_(127.5).sub_(1.0)  # [-1, 1]; 0 -> -1 and 255 -> 1 exactly
+    return {"image": x, "label": torch.tensor(labels, dtype=torch.long), "key": list(keys)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading shards.
+
+
+def expand_urls(urls: str | list[str]) -> list[str]:
+    """Brace patterns ("train-{000000..001281}.tar"), "::"-joined lists or a list of patterns -> URLs."""
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    out = [u for p in patterns for u in wds.shardlists.expand_urls(str(p))]
+    if not out:
+        raise ValueError(f"no shard URLs in {urls!r}")
+    return out
+
+
+def _local_path(url: str) -> Path | None:
+    if url.startswith("file://"):
+        return Path(url[len("file://") :])
+    return None if ("://" in url or url.startswith("pipe:")) else Path(url)
+
+
+def shard_counts(urls: list[str]) -> list[int] | None:
+    """Samples per shard from the `manifest.json` beside local shards; None if any count is unknown."""
+    manifests: dict[Path, dict] = {}
+    counts = []
+    for url in urls:
+        path = _local_path(url)
+        if path is None:
+            return None
+        if path.parent not in manifests:
+            try:
+                manifests[path.parent] = json.loads((path.parent / "manifest.json").read_text())
+            except (OSError, ValueError):
+                manifests[path.parent] = {}
+        count = manifests[path.parent].get("shards", {}).get(path.name)
+        if count is None:
+            return None
+        counts.append(int(count))
+    return counts
+
+
+def manifest_classes(urls: list[str]) -> list[str] | None:
+    """Class names recorded in the manifest beside the first local shard, if any."""
+    path = _local_path(urls[0])
+    try:
+        return json.loads((path.parent / "manifest.json").read_text()).get("classes") or None
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def read_shard(url: str, handler=wds.handlers.reraise_exception) -> Iterator[dict]:
+    """Samples (dicts of raw bytes keyed by extension, plus `__key__`) of one tar shard, in file order."""
+    return wds.tariterators.tarfile_samples([{"url": url}], handler=handler)
+
+
+def _sample_to_image(sample: dict) -> tuple[Image.Image, int]:
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        found = sorted(k for k in sample if not k.startswith("__"))
+        raise ImageDecodeError(f"no image in sample (entries: {found})")
+    label = int(sample["cls"]) if "cls" in sample else -1
+    return decode_image(sample[ext]), label
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact split of validation data over ranks x workers (each image read once, no padding, no duplicate).
+
+
+def split_assignment(num_shards: int, part: int, num_parts: int) -> list[tuple[int, int, int]]:
+    """What reader `part` of `num_parts` (= rank * workers + worker) reads: a list of (shard, m, r).
+
+    The reader keeps sample i of `shard` iff i % m == r. With at least as many shards as readers,
+    reader p takes whole shards p, p + num_parts, ... (m = 1). With fewer shards, the readers
+    p = j, j + num_shards, ... share shard j, each keeping every m-th sample, so that every shard is
+    read by ceil(num_parts / num_shards) readers at most and the split stays exact.
+    """
+    if num_shards >= num_parts:
+        return [(j, 1, 0) for j in range(part, num_shards, num_parts)]
+    shard = part % num_shards
+    return [(shard, len(range(shard, num_parts, num_shards)), part // num_shards)]
+
+
+def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _worker() -> tuple[int, int, int]:
+    """(worker id, number of workers, worker seed) of the DataLoader worker running this code."""
+    info = get_worker_info()
+    return (0, 1, 0) if info is None else (info.id, info.num_workers, info.seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# The datasets. Both batch inside the workers (DataLoader(batch_size=None)) and put, in every batch,
+# "skipped": the number of samples this worker skipped (decode errors) since its previous batch.
+
+
+class ValShards(IterableDataset):
+    """Every validation image exactly once across ranks and workers, resized and centre-cropped.
+
+    Args:
+        urls: shard URLs (brace patterns allowed).
+        image_size: output side S.
+        batch_size: images per batch (the last batch of each worker may be smaller).
+        rank, world_size: this process's place among the ranks; None = from torch.distributed (or 0, 1).
+        num_workers: DataLoader workers that will read it (used only by `__len__`).
+    """
+
+    def __init__(
+        self,
+        urls: str | list[str],
+        image_size: int,
+        batch_size: int,
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_workers: int = 0,
+    ):
+        self.urls = expand_urls(urls)
+        self.image_size, self.batch_size = image_size, batch_size
+        self.rank, self.world_size = _dist_rank_world(rank, world_size)
+        self.num_workers = max(1, num_workers)  # for __len__ only; iteration uses the real worker info
+        self.counts = shard_counts(self.urls)
+
+    def __len__(self) -> int:
+        """Batches this rank yields (from the manifest); TypeError when the shard sizes are unknown."""
+        if self.counts is None:
+            raise TypeError("validation length unknown: no manifest.json with counts beside the shards")
+        batches = 0
+        for worker in range(self.num_workers):
+            part = self.rank * self.num_workers + worker
+            plan = split_assignment(len(self.urls), part, self.world_size * self.num_workers)
+            samples = sum(len(range(r, self.counts[j], m)) for j, m, r in plan)
+            batches += math.ceil(samples / self.batch_size)
+        return batches
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers, _ = _worker()
+        part = self.rank * num_workers + worker
+        plan = split_assignment(len(self.urls), part, self.world_size * num_workers)
+        images, labels, keys, skipped = [], [], [], 0
+        for shard, m, r in plan:
+            for i, sample in enumerate(read_shard(self.urls[shard])):
+                if i % m != r:
+                    continue
+                try:
+                    img, label = _sample_to_image(sample)
+                except (ImageDecodeError, ValueError) as e:
+                    skipped += 1
+                    log.warning(
+                        "validation: skipped sample %s of %s: %s", sample["__key__"], self.urls[shard], e
+                    )
+                    continue
+                images.append(val_transform(img, self.image_size))
+                labels.append(label)
+                keys.append(sample["__key__"])
+                if len(images) == self.batch_size:
+                    yield {**collate(images, labels, keys), "skipped": skipped}
+                    images, labels, keys, skipped = [], [], [], 0
+        if images:
+            yield {**collate(images, labels, keys), "skipped": skipped}
+
+
+def _shuffled(samples: Iterator[dict], buffer: int, rng: random.Random, initial: int = 100) -> Iterator[dict]:
+    """Shuffle a stream through a buffer of up to `buffer` samples.
+
+    Output starts once `initial` samples are held; until the buffer is full it takes in two samples
+    per sample given out, so it fills without a long pause at start-up.
+    """
+    pool: list[dict] = []
+    initial = min(initial, buffer)
+    for sample in samples:
+        pool.append(sample)
+        if len(pool) < buffer:
+            pool.extend(itertools.islice(samples, 1))
+        if len(pool) < initial:
+            continue
+        i = rng.randrange(len(pool))
+        pool[i], pool[-1] = pool[-1], pool[i]
+        yield pool.pop()
+    rng.shuffle(pool)
+    yield from pool
+
+
+class TrainShards(IterableDataset):
+    """Endless random training batches: shards drawn with replacement, shuffle buffer, random crops.
+
+    Each rank and worker draws from its own endless random stream (seeded by `seed`, the rank, the
+    DataLoader worker and its seed, and how many streams this copy started), so no two see the same
+    sequence. An "epoch" is a fixed number of batches, `batches_per_rank`, split evenly over the
+    workers; with persistent workers the stream (and its shuffle buffer) carries on across epochs.
+
+    Args:
+        urls: shard URLs (brace patterns allowed).
+        image_size: crop side S.
+        aug_scale: short side drawn uniformly in [S, S * aug_scale] before the crop (1 = no zoom).
+        batch_size: images per batch (always full).
+        batches_per_rank: batches per epoch on this rank (a multiple of the number of workers).
+        shuffle_buffer: samples (still encoded) held per worker for shuffling.
+        seed: base seed.
+        rank: this process's rank; None = from torch.distributed (or 0).
+    """
+
+    def __init__(
+        self,
+        urls: str | list[str],
+        image_size: int,
+        aug_scale: float,
+        batch_size: int,
+        batches_per_rank: int,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        rank: int | None = None,
+    ):
+        self.urls = expand_urls(urls)
+        self.image_size, self.aug_scale, self.batch_size = image_size, aug_scale, batch_size
+        self.batches_per_rank, self.shuffle_buffer, self.seed = batches_per_rank, shuffle_buffer, seed
+        self.rank = _dist_rank_world(None, None)[0] if rank is None else rank
+        self.stream: Iterator[dict] | None = None  # the endless batch stream, started on first use
+        self.streams = 0
+
+    def __len__(self) -> int:
+        return self.batches_per_rank
+
+    def _shard_urls(self, rng: random.Random) -> Iterator[dict]:
+        """Shards drawn with replacement; gives up when no shard could be read many times in a row."""
+        failures = 0
+
+        def on_error(exn: Exception) -> bool:
+            nonlocal failures
+            failures += 1
+            log.warning("training: skipped unreadable shard data: %s", exn)
+            if failures > max(20, 2 * len(self.urls)):
+                raise RuntimeError(f"no readable training shards among {self.urls[:3]}...: last error {exn}")
+            return True
+
+        def urls():
+            while True:
+                yield {"url": rng.choice(self.urls)}
+
+        for sample in wds.tariterators.tarfile_samples(urls(), handler=on_error):
+            failures = 0
+            yield sample
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "stream": None}  # a running generator cannot be pickled (spawn)
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.stream is None:
+            self.stream = self._batches()
+        return itertools.islice(self.stream, math.ceil(self.batches_per_rank / _worker()[1]))
+
+    def _batches(self) -> Iterator[dict]:
+        worker, _, worker_seed = _worker()
+        self.streams += 1
+        entropy = [self.seed, self.rank, worker, worker_seed % 2**63, self.streams]
+        rng = random.Random(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+        images, labels, keys, skipped = [], [], [], 0
+        for sample in _shuffled(self._shard_urls(rng), self.shuffle_buffer, rng):
+            try:
+                img, label = _sample_to_image(sample)
+            except (ImageDecodeError, ValueError) as e:
+                skipped += 1
+                key, url = sample.get("__key__"), sample.get("__url__")
+                log.warning("training: skipped sample %s of %s: %s", key, url, e)
+                continue
+            images.append(train_transform(img, self.image_size, self.aug_scale, rng))
+            labels.append(label)
+            keys.append(sample["__key__"])
+            if len(images) == self.batch_size:
+                yield {**collate(images, labels, keys), "skipped": skipped}
+                images, labels, keys, skipped = [], [], [], 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The DataModule.
+
+
+def _resolve_default(train: str | list[str] | None, val: str | list[str] | None):
+    """Replace None / "default" by the default photo shards (written on first use, see dcssdae.photos)."""
+    if train not in (None, "default") and val not in (None, "default"):
+        return train, val
+    from dcssdae.photos import ensure_default_photos
+
+    default_train, default_val = ensure_default_photos()
+    return (
+        default_train if train in (None, "default") else train,
+        default_val if val in (None, "default") else val,
+    )
+
+
+class ImageNetDataModule(L.LightningDataModule):
+    """ImageNet (or any image set) from WebDataset shards, as `{"image", "label", "key"}` batches.
+
+    Training streams shards drawn with replacement (every rank and worker sees different data, and an
+    epoch has a fixed number of batches on every rank). Validation reads every image exactly once
+    over all ranks and workers (no padding, no duplicates; the last batches may be smaller and ranks
+    may get one batch more or less than others).
+
+    Samples that fail to decode are skipped and logged (key and reason); the counts are in
+    `skipped_samples` ({"train": n, "val": n}, summed over workers on this rank). Batches from the
+    data loaders themselves also carry "skipped" (per-batch count), which this module removes in
+    `on_before_batch_transfer` before the batch reaches the LightningModule.
+
+    The default data (train/val shards None or "default") are the real photos shipped in the
+    scikit-image, scikit-learn and matplotlib wheels, written as shards under `$DCSSDAE_DATA/photos`
+    (or `./data/photos`) on first use; see `dcssdae photos`.
+    """
+
+    def __init__(
+        self,
+        train_shards: str | list[str] | None = None,
+        val_shards: str | list[str] | None = None,
+        image_size: int = 256,
+        aug_scale: float = 1.0,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 8,
+        shuffle_buffer: int = 1000,
+        train_epoch_size: int | None = None,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+    ):
+        """
+        Args:
+            train_shards: training shard URLs: a brace pattern
+                ("data/imagenet/train/train-{000000..001281}.tar"), a "::"-joined list, or a list; local
+                paths or anything webdataset opens (http(s)://, pipe:..., s3/gs through pipe:).
+                None or "default": the default photo shards.
+            val_shards: validation shard URLs, same forms as `train_shards`.
+            image_size: side S of the square crops; a multiple of 32 (256 or 512 in the DC-AE/SSDD recipe).
+            aug_scale: training zoom: the short side is drawn uniformly in [S, S * aug_scale] before the
+                random S crop. 1.0 (default) crops at the scale validation sees. SSDD's phase 1 used 2.0 at
+                128 px, where ImageNet photos (short side ~350 px) are still downscaled; at 256 px a factor 2
+                would upsample most ImageNet photos, so each recipe sets it.
+            batch_size: training images per batch on each rank.
+            val_batch_size: validation images per batch on each rank (default: `batch_size`).
+            num_workers: DataLoader worker processes per rank (decoding and augmentation run there).
+            shuffle_buffer: encoded samples held by each training worker for shuffling (ImageNet JPEGs are
+                ~110 kB, so 1000 costs ~110 MB per worker); capped at the data set's size when known.
+            train_epoch_size: training samples per epoch over all ranks together; each rank then runs
+                ceil(train_epoch_size / (world_size * batch_size)) batches, rounded up to a multiple of
+                `num_workers`. None: the number of training images in the shards' manifest (one pass in
+                expectation; 1,281,167 for ImageNet-1k).
+            seed: base seed of the training streams (mixed with rank, worker and epoch).
+            pin_memory: pin batches in page-locked memory; None = when CUDA is available.
+        """
+        super().__init__()
+        if image_size <= 0 or image_size % 32:
+            raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
+        if aug_scale < 1.0:
+            raise ValueError(
+                f"aug_scale must be >= 1 (the short side is drawn in [S, S * aug_scale]), got {aug_scale}"
+            )
+        if batch_size <= 0 or (val_batch_size is not None and val_batch_size <= 0):
+            raise ValueError(f"batch sizes must be positive, got {batch_size} and {val_batch_size}")
+        self.save_hyperparameters()
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.image_size, self.aug_scale = image_size, aug_scale
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.train_epoch_size, self.seed = train_epoch_size, seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.skipped_samples = {"train": 0, "val": 0}
+        self.classes: list[str] | None = None
+
+    # -- Lightning hooks ---------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Build the default photo shards if they are used and missing (runs once per node)."""
+        _resolve_default(self.train_shards, self.val_shards)
+
+    def setup(self, stage: str | None = None) -> None:
+        train, val = _resolve_default(self.train_shards, self.val_shards)
+        self.train_urls, self.val_urls = expand_urls(train), expand_urls(val)
+        urls = self.train_urls + self.val_urls
+        missing = [p for p in map(_local_path, urls) if p is not None and not p.exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]} "
+                "(write shards with `dcssdae shards SRC OUT`)"
+            )
+        self.classes = manifest_classes(self.train_urls)
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        return _dist_rank_world(None, None)
+
+    def _loader(self, dataset: IterableDataset) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if not hasattr(self, "train_urls"):
+            self.setup("fit")
+        rank, world_size = self._rank_world()
+        epoch_size = self.train_epoch_size
+        counts = shard_counts(self.train_urls)
+        if epoch_size is None:
+            if counts is None:
+                raise ValueError(
+                    "train_epoch_size is needed: the training shards have no manifest.json with counts"
+                )
+            epoch_size = sum(counts)
+        # A buffer larger than the data set adds only memory (small sets such as the default photos).
+        buffer = self.shuffle_buffer if counts is None else max(1, min(self.shuffle_buffer, sum(counts)))
+        workers = max(1, self.num_workers)
+        batches = math.ceil(math.ceil(epoch_size / (world_size * self.batch_size)) / workers) * workers
+        dataset = TrainShards(
+            self.train_urls,
+            self.image_size,
+            self.aug_scale,
+            self.batch_size,
+            batches,
+            buffer,
+            self.seed,
+            rank,
+        )
+        return self._loader(dataset)
+
+    def val_dataloader(self) -> DataLoader:
+        if not hasattr(self, "val_urls"):
+            self.setup("validate")
+        rank, world_size = self._rank_world()
+        dataset = ValShards(
+            self.val_urls, self.image_size, self.val_batch_size, rank, world_size, self.num_workers
+        )
+        return self._loader(dataset)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Move the per-batch skip count into `skipped_samples`, leaving {"image", "label", "key"}."""
+        skipped = batch.pop("skipped", 0)
+        if skipped:
+            trainer = self.trainer
+            stage = "train" if trainer is not None and trainer.training else "val"
+            self.skipped_samples[stage] += int(skipped)
+        return batch
