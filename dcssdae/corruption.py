@@ -1,0 +1,201 @@
+"""Corruption processes: how a clean image x and Gaussian noise are mixed into the decoder's input, and what the
+decoder must predict. One interface for both objectives, so the system, the sampler settings and the YAML configs
+swap them with a `class_path`:
+
+    level  = corruption.sample_level(x)              # (B,)  EqM: gamma ~ U[0,1) ; FM: t ~ logit-normal
+    x_t    = corruption.corrupt(x, noise, level)      # decoder input
+    pred   = decoder(x_t, z, corruption.decoder_time(level))
+    loss   = corruption.loss(pred, corruption.target(x, noise, level))   # (B,) per-sample MSE
+    x0_hat = corruption.to_x0(x_t, pred, level)       # one-step estimate for LPIPS / REPA
+
+Sign convention (written once here, used everywhere in dcssdae):
+
+* Equilibrium Matching (Wang & Du, "Equilibrium Matching", 2025, Eq. 3-5): gamma = 1 is data, gamma = 0 is noise,
+  x_gamma = gamma * x + (1 - gamma) * noise and the target is f* = (noise - x) * c(gamma). The learnt field points
+  *away* from the data (it is the gradient of an energy whose minima are the data), so sampling is gradient
+  *descent*, x <- x - eta * f(x) (see `dcssdae.sampling`). The official EqM code regresses the opposite sign
+  (x - noise) * c and samples with x <- x + eta * f; the two are the same model up to the sign of f.
+* Flow matching (Lipman et al. 2023; the SSDD baseline): t = 1 is noise, x_t = (1 - t) * x + t * noise, the target
+  is the velocity v = x - noise and sampling integrates from t = 1 to t = 0.
+"""
+
+from typing import Literal
+
+import torch
+
+DECAYS = ("linear", "truncated", "piecewise")
+
+# Multiplier lambda used when `multiplier` is not given.
+# * linear: 2. The linear decay's mean target power is E[c^2] * E|noise - x|^2 = lambda^2 / 3 * E|noise - x|^2; at
+#   lambda = sqrt(3) ~ 2 it equals the flow-matching target power E|x - noise|^2, so SSDD's auxiliary-loss weights
+#   (0.5 LPIPS, 0.25 REPA), tuned against the FM loss, keep their balance. (The EqM paper's lambda = 4 with its
+#   truncated decay gives E[c^2] = 13.9, 14x the FM power.) With this decay the ideal field of a single data point
+#   is exactly lambda * (x - x*) (see `EquilibriumMatching.step_to_data`), so one descent step of eta = 1 / lambda
+#   = 0.5 from pure noise lands on the data.
+# * truncated / piecewise: 4, as in the EqM paper and its code (with a = 0.8).
+DEFAULT_MULTIPLIER = {"linear": 2.0, "truncated": 4.0, "piecewise": 4.0}
+
+
+def _per_sample(level: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Check that `level` is one value per sample, (B,), and view it as (B, 1, 1, ...) to broadcast against x."""
+    if level.shape != (x.shape[0],):
+        raise ValueError(f"noise level must have shape ({x.shape[0]},), one value per sample; got {tuple(level.shape)}")
+    return level.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+
+def _mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error in float32: shape (B,)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    return (pred.float() - target.float()).square().flatten(1).mean(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Equilibrium Matching (Wang & Du 2025, Eq. 3-5; decays of Sec. 3.2 and the official code's `get_ct`).
+
+
+class EquilibriumMatching:
+    """Equilibrium Matching: a time-free gradient field whose minima are the data.
+
+    gamma ~ U[0, 1); x_gamma = gamma * x + (1 - gamma) * noise; target f* = (noise - x) * c(gamma); the decoder gets
+    no time input. c(1) = 0, so the target field vanishes at the data (the equilibrium).
+    """
+
+    name = "eqm"
+    time_conditioned = False
+
+    def __init__(
+        self,
+        decay: Literal["linear", "truncated", "piecewise"] = "linear",
+        multiplier: float | None = None,
+        a: float = 0.8,
+        b: float = 1.4,
+    ):
+        """
+        Args:
+            decay: shape of c(gamma). `linear`: lambda * (1 - gamma) (DC-SSDAE). `truncated`: lambda * min(1,
+                (1 - gamma) / (1 - a)) (the EqM paper). `piecewise`: lambda * (b - (b - 1) * gamma / a) for gamma <= a,
+                lambda * (1 - gamma) / (1 - a) above (EqM code).
+            multiplier: the gradient multiplier lambda. None picks 2 for `linear` (target power equal to flow
+                matching's; one descent step of 1/lambda from noise is exact for a point mass) and 4 for the others
+                (the EqM paper).
+            a: where the truncated / piecewise decays start falling to 0, in (0, 1). EqM paper: 0.8.
+            b: value of c(0) / lambda for the piecewise decay, > 0. EqM code: 1.4.
+        """
+        if decay not in DECAYS:
+            raise ValueError(f"unknown EqM decay {decay!r}; known: {', '.join(DECAYS)}")
+        multiplier = DEFAULT_MULTIPLIER[decay] if multiplier is None else float(multiplier)
+        if not multiplier > 0:
+            raise ValueError(f"EqM multiplier lambda must be > 0, got {multiplier}")
+        if not 0.0 < a < 1.0:
+            raise ValueError(f"EqM decay start a must lie in (0, 1), got {a}")
+        if not b > 0:
+            raise ValueError(f"EqM piecewise value b must be > 0, got {b}")
+        self.decay, self.multiplier, self.a, self.b = decay, multiplier, float(a), float(b)
+
+    def __repr__(self) -> str:
+        return f"EquilibriumMatching(decay={self.decay!r}, multiplier={self.multiplier}, a={self.a}, b={self.b})"
+
+    def sample_level(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """gamma ~ U[0, 1), one per sample: shape (B,), float32."""
+        return torch.rand(x.shape[0], generator=generator, device=x.device)
+
+    def c(self, gamma: torch.Tensor | float) -> torch.Tensor:
+        """The decay c(gamma) >= 0, with c(1) = 0."""
+        gamma = torch.as_tensor(gamma, dtype=torch.float32)
+        falling = (1 - gamma) / (1 - self.a)
+        if self.decay == "linear":
+            shape = 1 - gamma
+        elif self.decay == "truncated":
+            shape = torch.clamp(falling, max=1.0)
+        else:
+            shape = torch.where(gamma > self.a, falling, self.b - (self.b - 1) * gamma / self.a)
+        return self.multiplier * shape
+
+    def step_to_data(self, gamma: torch.Tensor | float) -> torch.Tensor:
+        """(1 - gamma) / c(gamma): the descent step that moves x_gamma onto the data under the target field.
+
+        x_gamma - f* * (1 - gamma) / c(gamma) = x. Computed in closed form, so it stays finite at gamma = 1:
+        1 / lambda for the linear decay (any gamma); (1 - a) / lambda above a for the truncated and piecewise decays.
+        For a single data point x* and the linear decay, E[c(gamma) / (1 - gamma) | x] = lambda whatever x is, so the
+        ideal field is exactly lambda * (x - x*) and one step of `step_to_data(0)` = 1 / lambda from pure noise is
+        exact: the default `eta` of the EqM samplers.
+        """
+        gamma = torch.as_tensor(gamma, dtype=torch.float32)
+        if self.decay == "linear":
+            return torch.full_like(gamma, 1.0 / self.multiplier)
+        below = (1 - gamma) if self.decay == "truncated" else (1 - gamma) / (self.b - (self.b - 1) * gamma / self.a)
+        return torch.where(gamma > self.a, torch.full_like(gamma, 1 - self.a), below) / self.multiplier
+
+    def corrupt(self, x: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """x_gamma = gamma * x + (1 - gamma) * noise."""
+        gamma = _per_sample(level, x)
+        return gamma * x + (1 - gamma) * noise
+
+    def target(self, x: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """f* = (noise - x) * c(gamma): points away from the data; descent moves towards it."""
+        return (noise - x) * _per_sample(self.c(level), x)
+
+    def to_x0(self, x_t: torch.Tensor, pred: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """x0_hat = x_gamma - f * (1 - gamma) / c(gamma); exact when f = f*."""
+        return x_t - pred * _per_sample(self.step_to_data(level), x_t)
+
+    def decoder_time(self, level: torch.Tensor) -> None:
+        """EqM decoders get no time input: None."""
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample mean squared error ||f(x_gamma) - f*||^2 / (C*H*W): shape (B,), float32."""
+        return _mse(pred, target)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flow matching (Lipman et al. 2023, Eq. 22-23; logit-normal t of Esser et al. 2024, SD3 Sec. 3.1), the SSDD baseline.
+
+
+class FlowMatching:
+    """Rectified-flow / flow matching with a time-conditioned decoder (SSDD).
+
+    t = sigmoid(n), n ~ N(logit_mean, logit_std^2); x_t = (1 - t) * x + t * noise; target v = x - noise.
+    """
+
+    name = "fm"
+    time_conditioned = True
+
+    def __init__(self, logit_mean: float = 0.0, logit_std: float = 1.0):
+        """
+        Args:
+            logit_mean: mean of the logit-normal noise-level distribution (SSDD: 0).
+            logit_std: standard deviation of the logit-normal distribution, > 0 (SSDD: 1).
+        """
+        if not logit_std > 0:
+            raise ValueError(f"FlowMatching logit_std must be > 0, got {logit_std}")
+        self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)
+
+    def __repr__(self) -> str:
+        return f"FlowMatching(logit_mean={self.logit_mean}, logit_std={self.logit_std})"
+
+    def sample_level(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """t = sigmoid(n), n ~ N(logit_mean, logit_std^2), one per sample: shape (B,), float32 in (0, 1)."""
+        n = torch.randn(x.shape[0], generator=generator, device=x.device)
+        return torch.sigmoid(self.logit_mean + self.logit_std * n)
+
+    def corrupt(self, x: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """x_t = (1 - t) * x + t * noise."""
+        t = _per_sample(level, x)
+        return (1 - t) * x + t * noise
+
+    def target(self, x: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """Velocity v = x - noise (= -dx_t/dt)."""
+        return x - noise
+
+    def to_x0(self, x_t: torch.Tensor, pred: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """x0_hat = x_t + t * v; exact when v = x - noise."""
+        return x_t + _per_sample(level, x_t) * pred
+
+    def decoder_time(self, level: torch.Tensor) -> torch.Tensor:
+        """The decoder sees t itself, (B,) in [0, 1]."""
+        return level
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample mean squared error ||v_hat - v||^2 / (C*H*W): shape (B,), float32."""
+        return _mse(pred, target)

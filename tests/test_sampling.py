@@ -1,0 +1,287 @@
+"""Samplers against oracle fields whose answer is known in closed form, and on a 2-D mixture of Gaussians learnt by a
+small MLP with the real EqM loss."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from dcssdae.corruption import EquilibriumMatching
+from dcssdae.sampling import METHODS, sample, time_grid
+
+# ----------------------------------------------------------------------------------------------------------------
+# Oracles.
+
+
+def eqm_point_mass_field(eqm: EquilibriumMatching, x_star: torch.Tensor, n_gamma: int = 2000):
+    """The ideal EqM field for data = the single point x_star (shape (d,)), by quadrature over gamma.
+
+    y = gamma * x* + (1 - gamma) * noise gives noise - x* = (y - x*) / (1 - gamma), so
+    f(y) = E[(noise - x*) c(gamma) | y] = (y - x*) * E[c(gamma) / (1 - gamma) | y], with the posterior
+    p(gamma | y) proportional to N(y; gamma x*, (1 - gamma)^2 I) (uniform prior). For the linear decay the expectation
+    is lambda whatever y is.
+    """
+    gamma = (torch.arange(n_gamma, dtype=torch.float64) + 0.5) / n_gamma
+    ratio = eqm.c(gamma).double() / (1 - gamma)
+    x_star = x_star.double()
+
+    def field(y):
+        y64 = y.double().flatten(1)
+        d = y64.shape[1]
+        sq = (y64[:, None, :] - gamma[None, :, None] * x_star).square().sum(-1)  # (B, G)
+        log_post = -d * torch.log1p(-gamma) - sq / (2 * (1 - gamma) ** 2)
+        scale = (torch.softmax(log_post, dim=1) * ratio).sum(1)  # (B,)
+        return ((y64 - x_star) * scale[:, None]).view_as(y).to(y.dtype)
+
+    return field
+
+
+def linear_field(lam, x_star):
+    """Exact ideal EqM field of a point mass under the linear decay: lambda * (x - x*)."""
+    return lambda x: lam * (x - x_star)
+
+
+def _rms(x):
+    return x.flatten(1).square().mean(1).sqrt()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Closed-form checks.
+
+
+def test_linear_decay_oracle_is_exactly_lambda_times_displacement():
+    eqm = EquilibriumMatching("linear", multiplier=3.0)
+    x_star = torch.randn(6, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(4, 6, generator=torch.Generator().manual_seed(1)) * 2
+    torch.testing.assert_close(eqm_point_mass_field(eqm, x_star)(y), 3.0 * (y - x_star), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eta", [0.1, 0.25, 0.4, 0.7])
+def test_gd_error_follows_closed_form(eta):
+    lam = 2.0
+    x_star = torch.randn(3, 4, 4)
+    noise = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    for steps in (1, 3, 8):
+        x, nfe = sample(linear_field(lam, x_star), noise, "gd", steps=steps, eta=eta)
+        torch.testing.assert_close(x - x_star, (1 - eta * lam) ** steps * (noise - x_star), rtol=1e-4, atol=1e-5)
+        assert nfe.tolist() == [steps] * 5 and nfe.dtype == torch.long
+
+
+def test_one_step_exact_with_step_to_data():
+    eqm = EquilibriumMatching()
+    x_star = torch.rand(3, 8, 8) * 2 - 1
+    noise = torch.randn(4, 3, 8, 8)
+    eta = eqm.step_to_data(0.0).item()
+    x, nfe = sample(linear_field(eqm.multiplier, x_star), noise, "one_step", eta=eta)
+    torch.testing.assert_close(x, x_star.expand_as(x), atol=1e-6, rtol=0)
+    assert nfe.tolist() == [1] * 4
+    # defaults match the default EquilibriumMatching
+    torch.testing.assert_close(sample(linear_field(eqm.multiplier, x_star), noise, "one_step")[0], x)
+
+
+@pytest.mark.parametrize("decay", ["truncated", "piecewise"])
+def test_gd_converges_on_quadrature_oracle(decay):
+    eqm = EquilibriumMatching(decay)  # lambda = 4; near the data f ~ lambda / (1 - a) * (x - x*) = 20 (x - x*)
+    x_star = torch.rand(8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    field = eqm_point_mass_field(eqm, x_star)
+    noise = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
+    errors = [_rms(sample(field, noise, "gd", steps=s, eta=0.04)[0] - x_star).max().item() for s in (1, 4, 8, 12)]
+    assert all(b < a for a, b in itertools.pairwise(errors))
+    assert errors[-1] < 1e-4 * errors[0]  # near the data each step contracts by 1 - 0.04 * 20 = 0.2
+
+
+def test_nesterov_standard_accelerates_and_eqm_form_does_not():
+    lam, eta, mu = 2.0, 0.1, 0.3  # a = eta * lambda = 0.2, mu < 1 - a
+    x_star = torch.zeros(2, 4, 4)
+    noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    field = linear_field(lam, x_star)
+    gd = _rms(sample(field, noise, "gd", steps=12, eta=eta)[0])
+    standard = _rms(sample(field, noise, "nesterov", steps=12, eta=eta, mu=mu)[0])
+    eqm_form = _rms(sample(field, noise, "nesterov", steps=12, eta=eta, mu=mu, form="eqm")[0])
+    assert (standard < 0.5 * gd).all()
+    assert (eqm_form > gd).all()
+    # with the exact step a = 1: standard Nesterov stays exact, the EqM form is left with mu * e0 after two steps
+    x, nfe = sample(field, noise, "nesterov", steps=2, eta=1 / lam, mu=mu)
+    torch.testing.assert_close(x, torch.zeros_like(x), atol=1e-6, rtol=0)
+    x, _ = sample(field, noise, "nesterov", steps=2, eta=1 / lam, mu=mu, form="eqm")
+    torch.testing.assert_close(x, mu * noise, atol=1e-6, rtol=1e-5)
+    assert nfe.tolist() == [2] * 3
+
+
+def test_nesterov_mu_zero_is_gd():
+    field = linear_field(2.0, torch.ones(5))
+    noise = torch.randn(4, 5)
+    torch.testing.assert_close(sample(field, noise, "nesterov", steps=5, eta=0.3, mu=0.0)[0],
+                               sample(field, noise, "gd", steps=5, eta=0.3)[0])
+
+
+def test_adaptive_nfe_per_sample_matches_closed_form_and_shrinks_the_batch():
+    lam, eta, threshold = 2.0, 0.25, 1e-3  # error contracts by q = 1 - eta * lam = 0.5 per step
+    scales = torch.tensor([0.01, 0.1, 1.0, 10.0])
+    noise = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    noise = noise / _rms(noise)[:, None] * scales[:, None]  # rms distance to x* = 0 is exactly `scales`
+    seen = []
+
+    def field(x):
+        seen.append(x.shape[0])
+        return lam * x
+
+    x, nfe = sample(field, noise, "adaptive", eta=eta, threshold=threshold, max_steps=100)
+    # evaluation k (k = 0, 1, ...) sees rms lam * q^k * scale; the sample retires after the first one < threshold,
+    # k* = floor(log(threshold / (lam * scale)) / log q) + 1, having spent k* + 1 evaluations
+    expected = [math.floor(math.log(threshold / (lam * s)) / math.log(0.5)) + 2 for s in scales.tolist()]
+    assert nfe.tolist() == expected and len(set(expected)) == 4
+    assert sum(seen) == nfe.sum().item()                      # only running samples are evaluated
+    assert seen == sorted(seen, reverse=True) and seen[0] == 4
+    torch.testing.assert_close(_rms(x), scales * 0.5 ** nfe.float(), rtol=1e-4, atol=0)  # every evaluation stepped
+
+
+def test_adaptive_step_cap_and_context_indexing():
+    targets = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    noise[2] = targets[2]  # already at equilibrium: one evaluation, then it stops
+    x, nfe = sample(lambda x, z: 2.0 * (x - z), noise, "adaptive", context=(targets,), eta=0.3, threshold=1e-12,
+                    max_steps=7)
+    assert nfe.tolist() == [7, 7, 1, 7, 7]
+    torch.testing.assert_close(x - targets, 0.4 ** nfe.float().view(-1, 1, 1, 1) * (noise - targets))
+
+
+def test_euler_on_flow_matching_oracles():
+    x_star = torch.randn(3, 4, 4)
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    # point mass: v(x, t) = (x* - x) / t is exact on any grid
+    for steps in (1, 2, 7):
+        x, nfe = sample(lambda x, t: (x_star - x) / t.view(-1, 1, 1, 1), noise, "euler", steps=steps, shift=3.0)
+        torch.testing.assert_close(x, x_star.expand_as(x), atol=1e-5, rtol=1e-5)
+        assert nfe.tolist() == [steps] * 2
+    # Gaussian data N(mu, s^2): the probability-flow ODE maps noise to mu + s * noise (it keeps each quantile);
+    # Euler converges to it at first order
+    mu, s = 0.5, 0.3
+
+    def velocity(x, t):
+        t = t.view(-1, 1, 1, 1)
+        var = (1 - t) ** 2 * s**2 + t**2
+        centred = x - (1 - t) * mu
+        return mu + ((1 - t) * s**2 - t) / var * centred  # E[x | x_t] - E[noise | x_t]
+
+    errors = [(sample(velocity, noise, "euler", steps=n, shift=1.0)[0] - (mu + s * noise)).abs().max().item()
+              for n in (8, 32, 128)]
+    assert all(b < 0.35 * a for a, b in itertools.pairwise(errors)) and errors[-1] < 0.02  # first order: 4x steps, ~1/4
+
+
+def test_time_grid_is_shifted():
+    grid = time_grid(4, shift=2.0)
+    torch.testing.assert_close(grid, torch.tensor([1.0, 0.5625, 0.25, 0.0625, 0.0]))
+
+
+def test_float_and_tensor_step_sizes():
+    """Regression: the public DC-SSDAE sampler crashed on a float step size (`float.reshape`)."""
+    field = linear_field(2.0, torch.zeros(3))
+    noise = torch.randn(4, 3)
+    reference = sample(field, noise, "gd", steps=3, eta=0.25)[0]
+    for eta in (0.25, torch.tensor(0.25), torch.full((4,), 0.25)):
+        for method in ("gd", "nesterov"):
+            x, _ = sample(field, noise, method, steps=3, eta=eta, **({"mu": 0.0} if method == "nesterov" else {}))
+            torch.testing.assert_close(x, reference)
+    assert sample(field, noise, "gd", steps=1, eta=1)[0].shape == noise.shape  # an int works too
+    per_sample = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    x, _ = sample(field, noise, "adaptive", eta=per_sample, threshold=1e-12, max_steps=3)
+    for i in range(4):
+        torch.testing.assert_close(x[i], sample(field, noise[i:i + 1], "gd", steps=3, eta=per_sample[i].item())[0][0])
+
+
+@pytest.mark.parametrize(
+    "method, settings, error, message",
+    [
+        ("ddim", {}, ValueError, "unknown sampling method 'ddim'; known: gd, nesterov, adaptive, one_step, euler"),
+        ("gd", {"step_size": 0.1}, ValueError, r"unknown setting\(s\) \['step_size'\] for sampling method 'gd'"),
+        ("euler", {"eta": 0.1}, ValueError, "it takes: steps, shift"),
+        ("gd", {"steps": 0}, ValueError, "steps must be an integer >= 1"),
+        ("gd", {"steps": 2.5}, ValueError, "steps must be an integer >= 1"),
+        ("gd", {"eta": -0.1}, ValueError, "eta must be > 0"),
+        ("gd", {"eta": "0.1"}, TypeError, "eta must be a number or a tensor"),
+        ("gd", {"eta": torch.ones(3)}, ValueError, "one value per sample"),
+        ("nesterov", {"mu": 1.0}, ValueError, r"mu must lie in \[0, 1\)"),
+        ("nesterov", {"form": "heavy_ball"}, ValueError, "unknown nesterov form"),
+        ("adaptive", {"threshold": 0.0}, ValueError, "threshold must be > 0"),
+        ("adaptive", {"max_steps": 0}, ValueError, "max_steps must be an integer >= 1"),
+    ],
+)
+def test_bad_settings(method, settings, error, message):
+    with pytest.raises(error, match=message):
+        sample(lambda x, *rest: x, torch.randn(2, 3), method, **settings)
+
+
+def test_fn_shape_and_context_checks():
+    with pytest.raises(ValueError, match="fn must return a tensor shaped like its input"):
+        sample(lambda x: x[:, :1], torch.randn(2, 3), "gd")
+    with pytest.raises(ValueError, match=r"context\[0\] must be a tensor with batch size 2"):
+        sample(lambda x, z: x, torch.randn(2, 3), "gd", context=(torch.randn(3, 3),))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2-D mixture of Gaussians learnt by a small MLP with the real EqM loss.
+
+MODES = torch.tensor([[1.5, 0.0], [0.0, 1.5], [-1.5, 0.0], [0.0, -1.5]])
+MODE_STD = 0.1
+
+
+@pytest.fixture(scope="module")
+def mog_field():
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 64-wide MLP is faster on one thread
+    eqm = EquilibriumMatching()
+    net = torch.nn.Sequential(
+        torch.nn.Linear(2, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64), torch.nn.SiLU(),
+        torch.nn.Linear(64, 64), torch.nn.SiLU(), torch.nn.Linear(64, 2),
+    )
+    steps = 600
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    for _ in range(steps):
+        x = MODES[torch.randint(len(MODES), (512,))] + MODE_STD * torch.randn(512, 2)
+        noise, gamma = torch.randn_like(x), eqm.sample_level(x)
+        loss = eqm.loss(net(eqm.corrupt(x, noise, gamma)), eqm.target(x, noise, gamma)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+    net.requires_grad_(False)
+    yield net
+    torch.set_num_threads(threads)
+
+
+def _mode_error(x):
+    return torch.cdist(x, MODES).min(dim=1).values
+
+
+def test_mog_samples_land_on_the_modes(mog_field):
+    noise = torch.randn(1000, 2, generator=torch.Generator().manual_seed(1))
+    x, _ = sample(mog_field, noise, "gd", steps=48)
+    error = _mode_error(x)
+    assert (error < 0.3).float().mean() > 0.97  # modes are 2.1 apart, each with std 0.1
+    counts = torch.bincount(torch.cdist(x, MODES).argmin(dim=1), minlength=4)
+    assert (counts > 150).all(), counts  # every mode is reached, none dominates
+
+
+def test_mog_adaptive_spends_fewer_nfe_at_equal_error(mog_field):
+    noise = torch.randn(1000, 2, generator=torch.Generator().manual_seed(2))
+    x, nfe = sample(mog_field, noise, "adaptive", threshold=0.01, max_steps=64)
+    adaptive_error = _mode_error(x).mean().item()
+    gd_steps = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
+    gd_error = [_mode_error(sample(mog_field, noise, "gd", steps=n)[0]).mean().item() for n in gd_steps]
+    equal = [n for n, e in zip(gd_steps, gd_error) if e <= adaptive_error]
+    needed = equal[0] if equal else math.inf  # fewest fixed steps with an error at least as low
+    assert nfe.float().mean().item() < 0.8 * needed, (nfe.float().mean(), adaptive_error, gd_error)
+    assert len(set(nfe.tolist())) > 3  # samples stop at different times
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "euler"])
+def test_same_noise_same_output(mog_field, method):
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
+    first, nfe_first = sample(mog_field, noise, method)
+    second, nfe_second = sample(mog_field, noise.clone(), method)
+    assert torch.equal(first, second) and torch.equal(nfe_first, nfe_second)
+    assert torch.isfinite(first).all()
