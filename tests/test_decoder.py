@@ -1,0 +1,279 @@
+"""SSDD U-ViT decoder (dcssdae/decoder.py): shapes, conditioning, attention window and bias, numerics."""
+
+import warnings
+
+import pytest
+import torch
+
+from dcssdae.decoder import DECODERS, UViTDecoder, WindowAttention, build_decoder
+
+
+def _tiny(latent_channels=8, **overrides) -> UViTDecoder:
+    torch.manual_seed(0)
+    return build_decoder("tiny", latent_channels, **overrides)
+
+
+def _randomize_(module: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
+    """Perturb every parameter so that the zero-initialised layers no longer hide dependencies."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return module
+
+
+def _inputs(batch, side, f, latent_channels=8, width=None):
+    H, W = side, width or side
+    return torch.randn(batch, 3, H, W), torch.randn(batch, latent_channels, H // f, W // f)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shapes.
+
+
+@pytest.mark.parametrize(
+    "side,f",
+    [(64, 8), (64, 16), (64, 32), (64, 64), (96, 8), (96, 16), (96, 32), (128, 128), (256, 128)],
+)
+def test_shapes_every_factor(side, f):
+    dec = _tiny()
+    x_t, z = _inputs(2, side, f)
+    pred, tokens = dec(x_t, z, return_tokens_at=1)
+    assert pred.shape == x_t.shape
+    assert tokens.shape == (2, (side // 8) ** 2, dec.mid_dim)
+    assert torch.isfinite(pred).all()
+
+
+def test_non_square_image_and_latent():
+    dec = _randomize_(_tiny())
+    x_t, z = _inputs(1, 64, 32, width=96)  # z (1, 8, 2, 3)
+    pred, tokens = dec(x_t, z, return_tokens_at=0)
+    assert pred.shape == (1, 3, 64, 96) and tokens.shape == (1, 8 * 12, dec.mid_dim)
+
+
+def test_tokens_are_taken_after_the_requested_block():
+    dec = _randomize_(_tiny())
+    x_t, z = _inputs(2, 64, 16)
+    captured = []
+    dec.mid.blocks[0].register_forward_hook(lambda m, i, o: captured.append(o))
+    pred0, tokens0 = dec(x_t, z, return_tokens_at=0)
+    pred1, tokens1 = dec(x_t, z, return_tokens_at=1)
+    torch.testing.assert_close(tokens0, captured[0])
+    assert not torch.allclose(tokens0, tokens1)
+    torch.testing.assert_close(pred0, pred1)  # asking for tokens does not change the prediction
+    torch.testing.assert_close(dec(x_t, z), pred0)
+
+
+def test_prediction_is_zero_at_init():
+    dec = _tiny()
+    x_t, z = _inputs(2, 64, 16)
+    assert dec(x_t, z).abs().max() == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conditioning: time, z.
+
+
+def test_unconditioned_decoder_has_no_time_modules():
+    eqm, fm = _tiny(), _tiny(time_conditioned=True)
+    assert not any("time" in name for name, _ in eqm.named_parameters())
+    extra = sum(p.numel() for p in fm.parameters()) - sum(p.numel() for p in eqm.parameters())
+    assert extra == sum(p.numel() for p in fm.time_mlp.parameters()) > 0
+
+
+def test_time_conditioning_changes_the_prediction():
+    dec = _randomize_(_tiny(time_conditioned=True))
+    x_t, z = _inputs(2, 64, 16)
+    a = dec(x_t, z, torch.tensor([0.1, 0.1]))
+    b = dec(x_t, z, torch.tensor([0.9, 0.9]))
+    assert (a - b).abs().mean() > 1e-4
+    torch.testing.assert_close(dec(x_t, z, torch.tensor(0.1)), a)  # a scalar t is broadcast
+
+
+def test_prediction_depends_on_z():
+    dec = _randomize_(_tiny())
+    x_t, z = _inputs(2, 64, 16)
+    assert (dec(x_t, z) - dec(x_t, z + 1)).abs().mean() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "kwargs,x_shape,z_shape,match",
+    [
+        ({}, (2, 3, 60, 64), (2, 8, 2, 2), "multiple of 8"),
+        ({}, (2, 3, 64, 64), (2, 8, 3, 3), "must divide"),
+        ({}, (2, 3, 64, 64), (2, 8, 16, 16), "multiple of 8"),  # f = 4
+        ({}, (2, 3, 64, 64), (2, 4, 2, 2), r"z must be \(2, 8"),
+        ({}, (2, 3, 64, 64), (3, 8, 2, 2), r"z must be \(2, 8"),
+        ({}, (2, 4, 64, 64), (2, 8, 2, 2), r"x_t must be \(B, 3"),
+        ({"t": torch.zeros(2)}, (2, 3, 64, 64), (2, 8, 2, 2), "no time conditioning"),
+        ({"return_tokens_at": 2}, (2, 3, 64, 64), (2, 8, 2, 2), "return_tokens_at"),
+    ],
+)
+def test_bad_inputs_raise(kwargs, x_shape, z_shape, match):
+    with pytest.raises(ValueError, match=match):
+        _tiny()(torch.randn(x_shape), torch.randn(z_shape), **kwargs)
+
+
+def test_time_conditioned_decoder_needs_t():
+    dec = _tiny(time_conditioned=True)
+    with pytest.raises(ValueError, match="pass t"):
+        dec(*_inputs(2, 64, 16))
+    with pytest.raises(ValueError, match="scalar or have shape"):
+        dec(*_inputs(2, 64, 16), torch.zeros(3))
+
+
+def test_bad_configuration_raises():
+    with pytest.raises(ValueError, match="known: tiny, XS, S"):
+        build_decoder("XXL", 32)
+    with pytest.raises(ValueError, match="odd"):
+        build_decoder("tiny", 32, window=16)
+    with pytest.raises(ValueError, match="attention_backend"):
+        build_decoder("tiny", 32, attention_backend="xformers")
+    with pytest.raises(ValueError, match="4 levels"):
+        build_decoder("tiny", 32, channel_mult=(1, 2, 2))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Windowed attention with relative position bias.
+
+
+def _reference_bias(table: torch.Tensor, Hg: int, Wg: int) -> torch.Tensor:
+    """Brute force: bias[h, i, j] = table[h, dy + r, dx + r] with (dy, dx) = key - query, -inf outside."""
+    heads, side, _ = table.shape
+    r = side // 2
+    out = torch.full((heads, Hg * Wg, Hg * Wg), float("-inf"))
+    for i in range(Hg * Wg):
+        for j in range(Hg * Wg):
+            dy, dx = j // Wg - i // Wg, j % Wg - i % Wg
+            if abs(dy) <= r and abs(dx) <= r:
+                out[:, i, j] = table[:, dy + r, dx + r]
+    return out
+
+
+@pytest.mark.parametrize("window,grid", [(5, (6, 7)), (17, (4, 5)), (3, (3, 3))])
+def test_window_bias_matches_brute_force(window, grid):
+    attn = WindowAttention(dim=16, heads=2, window=window, backend="sdpa")
+    with torch.no_grad():
+        attn.rel_bias.normal_()
+    torch.testing.assert_close(attn.window_bias(grid), _reference_bias(attn.rel_bias.detach(), *grid))
+
+
+def test_attention_is_local():
+    torch.manual_seed(0)
+    attn = _randomize_(WindowAttention(dim=16, heads=2, window=5, backend="sdpa"), std=0.5)
+    grid = (10, 10)
+    x = torch.randn(2, 100, 16)
+    query, near, far = 5 * 10 + 5, 5 * 10 + 7, 5 * 10 + 8  # (5, 5); dx = 2 is inside r = 2, dx = 3 is outside
+    out = attn(x, grid)
+    x_far, x_near = x.clone(), x.clone()
+    x_far[:, far] += 10.0
+    x_near[:, near] += 10.0
+    assert torch.equal(attn(x_far, grid)[:, query], out[:, query])
+    assert (attn(x_near, grid)[:, query] - out[:, query]).abs().max() > 1e-3
+
+
+def test_window_larger_than_grid_sees_everything():
+    attn = _randomize_(WindowAttention(dim=16, heads=2, window=17, backend="sdpa"), std=0.5)
+    x = torch.randn(1, 64, 16)
+    x_corner = x.clone()
+    x_corner[:, 63] += 10.0  # offset (7, 7) from token 0, inside r = 8
+    assert (attn(x_corner, (8, 8))[:, 0] - attn(x, (8, 8))[:, 0]).abs().max() > 1e-3
+
+
+def test_relative_bias_is_used_and_never_cached():
+    dec = _randomize_(_tiny())
+    x_t, z = _inputs(2, 64, 16)
+    before = dec(x_t, z)
+    with torch.no_grad():  # an in-place update (as an optimizer does) must show in the next forward
+        dec.mid.blocks[0].attn.rel_bias.normal_(std=2.0)
+    assert (dec(x_t, z) - before).abs().mean() > 1e-4
+
+
+def test_gradients_reach_the_bias_table():
+    dec = _randomize_(_tiny())
+    x_t, z = _inputs(2, 64, 16)  # 8x8 token grid, window 17: offsets +-8 never occur
+    dec(x_t, z).square().mean().backward()
+    for block in dec.mid.blocks:
+        grad = block.attn.rel_bias.grad  # (heads, 17, 17)
+        assert grad.abs()[:, 1:-1, 1:-1].min() > 0  # every offset within +-7 is used
+        assert grad[:, 0].abs().max() == 0 and grad[:, :, -1].abs().max() == 0  # +-8 are not
+
+
+def test_flex_backend_matches_sdpa_forward():
+    attn = _randomize_(WindowAttention(dim=32, heads=2, window=5, backend="sdpa"), std=0.5)
+    x = torch.randn(2, 12 * 10, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager FlexAttention warns that it is unfused
+        expected = attn(x, (12, 10))
+        attn.backend = "flex"
+        torch.testing.assert_close(attn(x, (12, 10)), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_flex_backend_matches_sdpa_on_cuda_with_gradients():
+    torch.manual_seed(0)
+    dec = _randomize_(build_decoder("tiny", 8, attention_backend="sdpa")).cuda()
+    flex = _randomize_(build_decoder("tiny", 8, attention_backend="flex")).cuda()
+    flex.load_state_dict(dec.state_dict())
+    x_t, z = (a.cuda() for a in _inputs(2, 128, 16))
+    for model in (dec, flex):
+        model(x_t, z).square().mean().backward()
+    torch.testing.assert_close(flex(x_t, z), dec(x_t, z), atol=1e-4, rtol=1e-4)
+    for a, b in zip(dec.mid.blocks, flex.mid.blocks, strict=True):
+        torch.testing.assert_close(b.attn.rel_bias.grad, a.attn.rel_bias.grad, atol=1e-4, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# No batch statistics, numerics, initialisation.
+
+
+def test_no_batch_statistics():
+    dec = _tiny()
+    assert list(dec.buffers()) == []  # no BatchNorm running stats, no cached bias tables
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in dec.modules())
+
+
+def test_samples_are_independent_in_a_batch():
+    dec = _randomize_(_tiny()).train()
+    x_t, z = _inputs(3, 64, 16)
+    x_t.requires_grad_(True)
+    pred = dec(x_t, z)
+    torch.testing.assert_close(dec(x_t[:1], z[:1]), pred[:1], atol=1e-5, rtol=1e-5)
+    pred[0].sum().backward()
+    assert x_t.grad[1:].abs().max() == 0 and x_t.grad[0].abs().max() > 0
+
+
+def test_bf16_autocast_forward_backward_is_finite():
+    dec = _randomize_(_tiny(time_conditioned=True))
+    x_t, z = _inputs(2, 64, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred, tokens = dec(x_t, z, torch.rand(2), return_tokens_at=0)
+        loss = pred.float().square().mean() + tokens.float().square().mean()
+    loss.backward()
+    assert torch.isfinite(pred.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in dec.parameters())
+
+
+def test_zero_init_does_not_block_learning():
+    """From the zero-initialised outputs, four backward passes (three SGD steps) reach every parameter."""
+    dec = _tiny(time_conditioned=True)
+    opt = torch.optim.SGD(dec.parameters(), lr=0.1)
+    x_t, z = _inputs(2, 64, 16)
+    target = torch.randn_like(x_t)
+    for step in range(4):  # gradients accumulate: p.grad != 0 at the end iff some pass reached p
+        (dec(x_t, z, torch.rand(2)) - target).square().mean().backward()
+        if step < 3:
+            opt.step()
+    unreached = [name for name, p in dec.named_parameters() if p.grad is None or not p.grad.any()]
+    assert unreached == []
+
+
+@pytest.mark.parametrize(
+    "name,widths,heads,low,high",
+    [("S", [64, 96, 160, 160], 4, 13.0e6, 13.6e6), ("M", [96, 192, 288, 288], 4, 47.5e6, 49.5e6)],
+)
+def test_preset_sizes(name, widths, heads, low, high):
+    with torch.device("meta"):
+        dec = build_decoder(name, 32)
+    assert dec.widths == widths and dec.mid_heads == heads and dec.mid_depth == DECODERS[name]["mid_depth"]
+    assert low < sum(p.numel() for p in dec.parameters()) < high
