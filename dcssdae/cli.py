@@ -1,13 +1,26 @@
 """The `dcssdae` command.
 
-`dcssdae fit|validate|test|predict ...` is a LightningCLI (see `run_lightning_cli`); the data and
-export tools are plain sub-commands, each implemented by a `main(argv)` in its own module.
+    dcssdae fit --config configs/phase1.yaml            # train (LightningCLI: fit / validate / test / predict)
+    dcssdae validate --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/last.ckpt
+    dcssdae fit --config configs/phase1.yaml --print_config   # the resolved run
+    dcssdae fit --model.help DCSSDAESystem               # every model argument, from the typed signature
+    dcssdae shards | photos | export | reconstruct | latent-stats ...   # data and export tools
+
+The model is `DCSSDAESystem` or a subclass (`dcssdae.distill.DistillSystem`), chosen with `model.class_path`;
+the data is `ImageNetDataModule`. Always-on callbacks have their own top-level groups: `ema` (EMA of the weights),
+`checkpoint` (ModelCheckpoint), `grid` (reconstructions at each validation), `throughput` (images/s).
+Config files compose: a file whose top level has `config: parent.yaml` (a path relative to the file, or a list of
+them) is read as `--config parent.yaml --config file.yaml`, so it only holds what differs from its parent and
+nested settings merge key by key (see `expand_config_includes`).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
+import warnings
+from pathlib import Path
 
 # sub-command -> (module, one-line help). Each module exposes `main(argv: list[str]) -> int | None`.
 TOOLS = {
@@ -19,11 +32,126 @@ TOOLS = {
 }
 
 
-def run_lightning_cli(args: list[str] | None = None) -> None:
-    """Run the LightningCLI (fit / validate / test / predict). Implemented in `dcssdae.system_cli`."""
-    from dcssdae.system_cli import run
+# ------------------------------------------------------------------------------------------------
+# Config includes. jsonargparse itself reads a `config:` key inside a file, but a nested group given after it
+# replaces the included group instead of merging into it; repeated --config (Lightning's documented way to compose
+# configs) merges. So the include is expanded here into repeated --config arguments, parents first.
 
-    run(args)
+
+def expand_config_includes(args: list[str]) -> list[str]:
+    """Replace every `--config FILE` (or `-c`, `--config=FILE`) whose YAML has a top-level `config:` key by the
+    parent configs (recursively) followed by FILE's remaining settings (passed as a YAML string)."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            out += _expand_config(args[i + 1], ())
+            i += 2
+        elif arg.startswith("--config="):
+            out += _expand_config(arg.split("=", 1)[1], ())
+            i += 1
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
+def _expand_config(value: str, chain: tuple[Path, ...]) -> list[str]:
+    import yaml
+
+    path = Path(value)
+    if not path.is_file():
+        return ["--config", value]  # a YAML string, or a missing file that the parser reports
+    settings = yaml.safe_load(path.read_text())
+    if not isinstance(settings, dict) or "config" not in settings:
+        return ["--config", value]
+    if path.resolve() in chain:
+        raise ValueError(f"config include cycle: {' -> '.join(map(str, chain + (path,)))}")
+    parents = settings.pop("config")
+    out = []
+    for parent in [parents] if isinstance(parents, str) else list(parents):
+        parent_path = path.parent / parent
+        if not parent_path.is_file():
+            raise FileNotFoundError(f"{path}: included config {parent!r} not found (looked for {parent_path})")
+        out += _expand_config(str(parent_path), chain + (path.resolve(),))
+    return out + ["--config", yaml.safe_dump(settings, sort_keys=False)] if settings else out
+
+
+# ------------------------------------------------------------------------------------------------
+# The LightningCLI.
+
+
+def make_cli_class():
+    """The LightningCLI subclass (built on demand so that `dcssdae shards ...` does not import Lightning)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI
+
+    from dcssdae.callbacks import EMA, ReconstructionGrid, Throughput
+
+    class DCSSDAECLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_lightning_class_args(EMA, "ema")
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            # keep one file, <dirpath>/last.ckpt, rewritten at every save (phases chain through it)
+            parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+                                 "checkpoint.enable_version_counter": False})
+            parser.add_lightning_class_args(ReconstructionGrid, "grid")
+            parser.add_lightning_class_args(Throughput, "throughput")
+            # In subclass mode --help lists no model argument; show them (from the typed signatures) below it.
+            parser.epilog = model_arguments_help()
+
+    return DCSSDAECLI
+
+
+def model_arguments_help() -> str:
+    """Help text of every model argument: DCSSDAESystem's, then what DistillSystem adds."""
+    from jsonargparse import ArgumentParser
+
+    from dcssdae.distill import DistillSystem
+    from dcssdae.system import DCSSDAESystem
+
+    base = ArgumentParser(prog="dcssdae", add_help=False)
+    base.add_class_arguments(DCSSDAESystem, "model", fail_untyped=False)
+    distill = ArgumentParser(prog="dcssdae", add_help=False)
+    skip = set(inspect.signature(DCSSDAESystem.__init__).parameters) - {"val_steps"}
+    distill.add_class_arguments(DistillSystem, "model", fail_untyped=False, skip=skip)
+
+    def body(parser) -> str:
+        return parser.format_help().split("\n\n", 1)[-1].rstrip()  # without the usage lines
+
+    return ("model arguments (model.class_path: dcssdae.system.DCSSDAESystem; set them as --model.NAME VALUE or "
+            f"under model.init_args in a config):\n{body(base)}\n\nadded by dcssdae.distill.DistillSystem:\n"
+            f"{body(distill)}")
+
+
+def verbatim_text_formatter():
+    """jsonargparse's help formatter, keeping the line breaks of descriptions and epilogs (the model arguments)."""
+    from jsonargparse import DefaultHelpFormatter
+
+    class VerbatimTextFormatter(DefaultHelpFormatter):
+        def _fill_text(self, text, width, indent):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+
+    return VerbatimTextFormatter
+
+
+def run_lightning_cli(args: list[str] | None = None, run: bool = True):
+    """Run the LightningCLI (fit / validate / test / predict); returns the CLI object."""
+    from dcssdae.data import ImageNetDataModule
+    from dcssdae.system import DCSSDAESystem
+
+    args = expand_config_includes(list(sys.argv[1:] if args is None else args))
+    with warnings.catch_warnings():  # we pass the (expanded) command line explicitly, on purpose
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+        return make_cli_class()(
+            DCSSDAESystem,
+            ImageNetDataModule,
+            subclass_mode_model=True,
+            args=args,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"formatter_class": verbatim_text_formatter()},
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

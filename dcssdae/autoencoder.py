@@ -1,0 +1,260 @@
+"""DCSSDAE: the autoencoder users load. Encoder + decoder + corruption + sampler settings + latent scaling.
+
+    z = ae.encode(x)                      # (B, 3, H, W) in [-1, 1] -> (B, c, H/f, W/f), scaled for diffusion
+    x_hat = ae.decode(z)                  # sampler from noise (default: the configured one, e.g. 8 EqM steps)
+    x_hat = ae.decode(z, steps=1)         # single step (a distilled decoder)
+    ae = DCSSDAE.from_pretrained("export_dir")   # or a Lightning .ckpt from `dcssdae fit`
+
+The network knows nothing about training (no losses here); the Lightning system in `dcssdae.system` wires it to
+the objectives. `config()` is the JSON-able description that `from_config` rebuilds the network from; it is
+stored in every checkpoint (`checkpoint["dcssdae_config"]`) and in an export's `config.json`.
+
+Latent scaling (Rombach et al. 2022, Sec. 4.3.2 "scale factor"): `encode` returns (mean - latent_shift) *
+latent_scale and `decode` undoes it, so that a latent diffusion model sees unit-variance latents. Training uses
+the raw latent. `dcssdae latent-stats` measures the two numbers and stores them with an export.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcssdae.corruption import EquilibriumMatching, FlowMatching
+from dcssdae.decoder import build_decoder
+from dcssdae.encoder import Posterior, build_encoder
+from dcssdae.sampling import sample, settings_of
+
+Corruption = EquilibriumMatching | FlowMatching
+EQM_METHODS = ("gd", "nesterov", "adaptive", "one_step")
+FM_METHODS = ("euler",)
+
+
+# ------------------------------------------------------------------------------------------------
+# Corruption <-> {"class_path", "init_args"} (the same form as in the YAML configs).
+
+
+def corruption_config(corruption: Corruption) -> dict[str, Any]:
+    """{"class_path": ..., "init_args": {...}} of a corruption object, read back from its attributes."""
+    cls = type(corruption)
+    names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    missing = [n for n in names if not hasattr(corruption, n)]
+    if missing:
+        raise TypeError(f"{cls.__name__} does not keep its init arguments {missing} as attributes")
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {n: getattr(corruption, n) for n in names}}
+
+
+def build_corruption(config: Corruption | dict[str, Any] | None) -> Corruption:
+    """A corruption object from itself, a {"class_path", "init_args"} dict, or None (EqM, linear decay)."""
+    if config is None:
+        return EquilibriumMatching()
+    if not isinstance(config, dict):
+        return config
+    module, _, name = config["class_path"].rpartition(".")
+    known = {"dcssdae.corruption.EquilibriumMatching", "dcssdae.corruption.FlowMatching"}
+    if config["class_path"] not in known and module != "dcssdae.corruption":
+        raise ValueError(f"unknown corruption {config['class_path']!r}; known: {sorted(known)}")
+    return getattr(importlib.import_module(module), name)(**config.get("init_args", {}))
+
+
+# ------------------------------------------------------------------------------------------------
+# The autoencoder.
+
+
+class DCSSDAE(nn.Module):
+    """DC-AE encoder + SSDD U-ViT decoder + its corruption process (EqM or FM) and decoding sampler."""
+
+    def __init__(
+        self,
+        encoder: str = "dc-ae-f32c32-in-1.0",
+        decoder: str = "S",
+        corruption: Corruption | dict | None = None,
+        encoder_overrides: dict[str, Any] | None = None,
+        decoder_overrides: dict[str, Any] | None = None,
+        sampler: dict[str, Any] | None = None,
+        latent_scale: float = 1.0,
+        latent_shift: float = 0.0,
+        encoder_pretrained: str | None = None,
+    ):
+        """
+        Args:
+            encoder: encoder preset (`dcssdae.encoder.ENCODERS`).
+            decoder: decoder preset (`dcssdae.decoder.DECODERS`).
+            corruption: EquilibriumMatching (default, linear decay) or FlowMatching. It also decides whether the
+                decoder is time-conditioned (FM) or not (EqM).
+            encoder_overrides: constructor arguments replacing the encoder preset's.
+            decoder_overrides: constructor arguments replacing the decoder preset's.
+            sampler: decoding sampler, {"method": ..., **settings} for `dcssdae.sampling.sample`. Default: 8 steps
+                of gradient descent with eta = 1 / c(0) (EqM) or 8 Euler steps (FM).
+            latent_scale: `encode` returns (mean - latent_shift) * latent_scale.
+            latent_shift: see `latent_scale`.
+            encoder_pretrained: weights to load into the encoder at construction (see `build_encoder`); not part of
+                `config()` (a rebuilt model gets all its weights from its state dict).
+        """
+        super().__init__()
+        self.corruption = build_corruption(corruption)
+        encoder_overrides, decoder_overrides = dict(encoder_overrides or {}), dict(decoder_overrides or {})
+        time_conditioned = self.corruption.time_conditioned
+        if decoder_overrides.get("time_conditioned", time_conditioned) != time_conditioned:
+            raise ValueError(f"decoder_overrides sets time_conditioned={decoder_overrides['time_conditioned']} but "
+                             f"{type(self.corruption).__name__} needs time_conditioned={time_conditioned}; drop it "
+                             "(the corruption decides)")
+        decoder_overrides.pop("time_conditioned", None)
+        self.encoder = build_encoder(encoder, pretrained=encoder_pretrained, **encoder_overrides)
+        self.decoder = build_decoder(decoder, self.encoder.latent_channels, time_conditioned=time_conditioned,
+                                     **decoder_overrides)
+        self.sampler = self._check_sampler(sampler or self.default_sampler())
+        self.latent_scale, self.latent_shift = float(latent_scale), float(latent_shift)
+        self._config = {"encoder": encoder, "decoder": decoder, "encoder_overrides": encoder_overrides,
+                        "decoder_overrides": decoder_overrides}
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.encoder.downsample_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.encoder.latent_channels
+
+    # -- sampler settings ------------------------------------------------------------------------
+
+    def default_sampler(self, steps: int = 8) -> dict[str, Any]:
+        """`steps` of gradient descent with eta = 1 / c(0) (EqM), or `steps` Euler steps (FM)."""
+        if isinstance(self.corruption, FlowMatching):
+            return {"method": "euler", "steps": steps}
+        return {"method": "gd", "steps": steps, "eta": self._eta()}
+
+    def one_step_sampler(self) -> dict[str, Any]:
+        """The single-step decoder: x = noise - f(noise) / c(0) (EqM), or one Euler step from t = 1 (FM)."""
+        if isinstance(self.corruption, FlowMatching):
+            return {"method": "euler", "steps": 1}
+        return {"method": "one_step", "eta": self._eta()}
+
+    def _eta(self) -> float:
+        return float(self.corruption.step_to_data(0.0))  # 1 / c(0)
+
+    def _check_sampler(self, sampler: dict[str, Any]) -> dict[str, Any]:
+        sampler = dict(sampler)
+        method = sampler.get("method")
+        allowed = FM_METHODS if isinstance(self.corruption, FlowMatching) else EQM_METHODS
+        if method not in allowed:
+            raise ValueError(f"sampler method {method!r} does not fit {type(self.corruption).__name__}; "
+                             f"use one of {allowed}")
+        unknown = sorted(set(sampler) - {"method"} - set(settings_of(method)))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown} for sampler {method!r}; it takes {list(settings_of(method))}")
+        if method in EQM_METHODS and "eta" not in sampler:
+            sampler["eta"] = self._eta()  # 1 / c(0) of *this* corruption, not the sampling module's default
+        return sampler
+
+    def sampler_settings(self, steps: int | None = None, method: str | None = None, **settings) -> dict[str, Any]:
+        """The configured sampler with some settings replaced; `steps=1` without a method means one step."""
+        if method is None and steps == 1 and not settings:
+            return self.one_step_sampler()
+        base = dict(self.sampler) if method in (None, self.sampler["method"]) else {"method": method}
+        if steps is not None:
+            base["max_steps" if base["method"] == "adaptive" else "steps"] = steps
+        return self._check_sampler({**base, **settings})
+
+    # -- the API -----------------------------------------------------------------------------------
+
+    def posterior(self, x: torch.Tensor) -> Posterior:
+        """q(z | x) of the raw (unscaled) latent."""
+        return self.encoder(x)
+
+    def encode(self, x: torch.Tensor, sample_posterior: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """x (B, 3, H, W) in [-1, 1] -> scaled latent (B, c, H/f, W/f): the posterior mean (or a sample)."""
+        posterior = self.encoder(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return (z - self.latent_shift) * self.latent_scale
+
+    def decode(
+        self,
+        z: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        steps: int | None = None,
+        method: str | None = None,
+        generator: torch.Generator | None = None,
+        return_nfe: bool = False,
+        **settings,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Scaled latent -> image (B, 3, H, W), sampled from `noise` (default: fresh Gaussian noise).
+
+        `steps`, `method` and `settings` replace the configured sampler's (`steps=1` alone: the one-step decoder).
+        Runs under the caller's grad mode. With `return_nfe`, also returns the decoder evaluations per sample.
+        """
+        z = z / self.latent_scale + self.latent_shift
+        f = self.downsample_factor
+        shape = (z.shape[0], self.decoder.image_channels, z.shape[-2] * f, z.shape[-1] * f)
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, device=z.device, dtype=z.dtype)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape} for z of shape {tuple(z.shape)}, got {tuple(noise.shape)}")
+        sampler = self.sampler_settings(steps, method, **settings)
+        x, nfe = sample(self.decoder, noise, sampler.pop("method"), context=(z,), **sampler)
+        return (x, nfe) if return_nfe else x
+
+    def reconstruct(self, x: torch.Tensor, **decode_kwargs) -> torch.Tensor:
+        """decode(encode(x)) with the posterior mean."""
+        return self.decode(self.encode(x), **decode_kwargs)
+
+    # -- configuration and loading ---------------------------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able description; `DCSSDAE.from_config(ae.config())` rebuilds the same network."""
+        return {
+            **json.loads(json.dumps(self._config)),
+            "corruption": corruption_config(self.corruption),
+            "sampler": dict(self.sampler),
+            "latent_scale": self.latent_scale,
+            "latent_shift": self.latent_shift,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> DCSSDAE:
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "encoder_pretrained"}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown DCSSDAE config key(s) {unknown}; known: {sorted(known)}")
+        return cls(**config)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> DCSSDAE:
+        """Load an export directory (`config.json` + `model.safetensors`, written by `dcssdae export`) or a
+        Lightning `.ckpt` from `dcssdae fit` (its EMA weights; see `dcssdae.callbacks`)."""
+        config, state = load_weights(path, map_location)
+        model = cls.from_config(config)
+        report = model.load_state_dict(state, strict=False)
+        if report.missing_keys or report.unexpected_keys:
+            raise ValueError(f"{path}: weights do not match the network of its config: missing "
+                             f"{report.missing_keys[:10]}, unexpected {report.unexpected_keys[:10]}")
+        return model.eval()
+
+
+def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(DCSSDAE config, DCSSDAE state dict) from an export directory or a Lightning checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        config_file, weights_file = path / "config.json", path / "model.safetensors"
+        for file in (config_file, weights_file):
+            if not file.is_file():
+                raise FileNotFoundError(f"{path} is not a dcssdae export: {file.name} is missing (write one with "
+                                        "`dcssdae export CKPT OUT`)")
+        from safetensors.torch import load_file
+
+        config = json.loads(config_file.read_text())
+        config.pop("export", None)  # metadata written by `dcssdae export` (source checkpoint, step, latent stats)
+        return config, load_file(str(weights_file), device=str(map_location))
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint or export directory at {path}")
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if "dcssdae_config" not in checkpoint or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a checkpoint written by `dcssdae fit` (no 'dcssdae_config'/'state_dict')")
+    state = {k[len("ae."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("ae.")}
+    return checkpoint["dcssdae_config"], state

@@ -1,0 +1,202 @@
+"""Training callbacks: EMA of the autoencoder weights, a grid of reconstructions, images/s.
+
+Where the weights live in a `.ckpt` written during `dcssdae fit` (read by `dcssdae export`,
+`--model.init_from` and `DCSSDAE.from_pretrained`):
+
+- `checkpoint["state_dict"]`: the LightningModule state dict. Its `ae.*` entries ARE the EMA weights
+  (keys `ae.encoder.*`, `ae.decoder.*`), so `load_from_checkpoint`, `dcssdae validate --ckpt_path`,
+  `init_from` and exports all see the EMA model. Other entries (a distillation teacher, loss heads) are live.
+- `checkpoint["current_model_state"]`: the live training weights (same keys); used only to resume
+  (`dcssdae fit --ckpt_path`). Absent when the run has no EMA (`--ema.decay 0`), in which case
+  `state_dict` holds the live weights.
+- `checkpoint["callbacks"]["EMA"]`: `{"num_updates", "decay", "start_step"}`.
+- `checkpoint["dcssdae_config"]`: `DCSSDAE.config()`, the JSON-able dict that rebuilds the network
+  (`DCSSDAE.from_config`); written by `DCSSDAESystem.on_save_checkpoint`.
+
+This is the layout of Lightning's own `WeightAveraging` callback, restricted to the autoencoder: a frozen
+teacher, LPIPS and DINOv2 are not copied or averaged.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+# ------------------------------------------------------------------------------------------------
+# Exponential moving average of the autoencoder weights (SSDD: decay 0.999, start at 50k steps,
+# warm-up min(decay, (1+n)/(10+n)) as in timm/LitEma).
+
+
+class EMA(Callback):
+    """EMA of `pl_module.ae` (parameters and floating buffers), swapped in for validation and saved as
+    the checkpoint's `state_dict` (see the module docstring)."""
+
+    def __init__(self, decay: float = 0.999, start_step: int = 0, every_n_steps: int = 1) -> None:
+        """
+        Args:
+            decay: EMA decay per update (SSDD 0.999, EqM 0.9999). 0 turns the EMA off.
+            start_step: before this optimiser step the EMA simply follows the live weights (decay 0).
+            every_n_steps: update the EMA every N optimiser steps.
+        """
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.decay, self.start_step, self.every_n_steps = decay, start_step, every_n_steps
+        self.num_updates = 0  # updates since start_step (drives the warm-up)
+        self.ema: list[torch.Tensor] | None = None  # aligned with _live_tensors(pl_module)
+        self._loaded: dict[str, torch.Tensor] | None = None  # EMA read from a checkpoint before setup
+
+    @property
+    def state_key(self) -> str:
+        return "EMA"
+
+    @staticmethod
+    def _live(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        state = pl_module.ae.state_dict()
+        return {name: t for name, t in state.items() if t.is_floating_point()}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.decay == 0 or self.ema is not None:
+            return
+        live = self._live(pl_module)
+        source = self._loaded or live
+        self.ema = [source[name].detach().to(t.device, t.dtype, copy=True) for name, t in live.items()]
+        self._loaded = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step  # optimiser steps taken so far
+        if self.ema is None or step % self.every_n_steps:
+            return
+        live = list(self._live(pl_module).values())
+        if step < self.start_step:
+            decay = 0.0
+        else:
+            self.num_updates += 1
+            decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, live, 1.0 - decay)  # ema <- decay*ema + (1-decay)*live
+
+    def _swap(self, pl_module: pl.LightningModule) -> None:
+        with torch.no_grad():
+            for ema, live in zip(self.ema, self._live(pl_module).values()):
+                tmp = live.clone()
+                live.copy_(ema)
+                ema.copy_(tmp)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if self.ema is not None:
+            self._swap(pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.ema is not None:
+            self._swap(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # Like Lightning's WeightAveraging: after fit the module holds the averaged weights.
+        if self.ema is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(list(self._live(pl_module).values()), self.ema)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_updates": self.num_updates, "decay": self.decay, "start_step": self.start_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.num_updates = int(state_dict["num_updates"])
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if self.ema is None:
+            return
+        live_state = checkpoint["state_dict"]
+        averaged = dict(live_state)
+        for name, ema in zip(self._live(pl_module), self.ema):
+            averaged["ae." + name] = ema
+        checkpoint["current_model_state"] = live_state
+        checkpoint["state_dict"] = averaged
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if self.decay == 0 or "current_model_state" not in checkpoint:
+            return  # no EMA in the checkpoint: the EMA starts from the loaded (live) weights
+        loaded = {k[3:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("ae.")}
+        pl_module.load_state_dict(checkpoint["current_model_state"])  # the model was restored with EMA
+        if self.ema is None:
+            self._loaded = loaded
+        else:
+            with torch.no_grad():
+                for ema, name in zip(self.ema, self._live(pl_module)):
+                    ema.copy_(loaded[name])
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs over reconstructions, logged at each validation (TensorBoard / W&B) and saved as PNG.
+
+
+class ReconstructionGrid(Callback):
+    """Keeps the first validation batch's inputs `x` and reconstructions `x_hat` (returned by
+    `validation_step`) and writes a two-row grid: inputs on top, reconstructions below."""
+
+    def __init__(self, num_images: int = 8, save_png: bool = True) -> None:
+        """
+        Args:
+            num_images: images per row.
+            save_png: also write `<log_dir>/reconstructions/step_XXXXXXX.png` (and `latest.png`).
+        """
+        self.num_images, self.save_png = num_images, save_png
+        self._pair: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0 and dataloader_idx == 0 and isinstance(outputs, dict) and "x_hat" in outputs:
+            n = self.num_images
+            self._pair = (outputs["x"][:n].detach().float().cpu(), outputs["x_hat"][:n].detach().float().cpu())
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        pair, self._pair = self._pair, None
+        if trainer.sanity_checking:
+            return
+        # trainer.log_dir is a collective under DDP (rank 0 broadcasts it): every rank asks.
+        out = Path(trainer.log_dir or trainer.default_root_dir) / "reconstructions" if self.save_png else None
+        if pair is None or not trainer.is_global_zero:
+            return
+        import torchvision
+
+        x, x_hat = pair
+        grid = torchvision.utils.make_grid(torch.cat([x, x_hat]), nrow=x.shape[0], padding=2)
+        grid = ((grid + 1) / 2).clamp(0, 1)  # [-1, 1] -> [0, 1]
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_image"):  # TensorBoard
+                logger.experiment.add_image("val/reconstructions", grid, step)
+            elif hasattr(logger, "log_image"):  # W&B
+                logger.log_image("val/reconstructions", [grid], step=step, caption=["inputs (top) | reconstructions"])
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            torchvision.utils.save_image(grid, out / f"step_{step:07d}.png")
+            torchvision.utils.save_image(grid, out / "latest.png")
+
+
+# ------------------------------------------------------------------------------------------------
+# Training throughput: images/s over all ranks, measured between consecutive batch ends (so data
+# loading counts), logged as train/images_per_s.
+
+
+class Throughput(Callback):
+    def __init__(self) -> None:
+        self._last: float | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._last = None
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._last = None  # validation time is not training time
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            images = batch["image"].shape[0] * trainer.world_size
+            pl_module.log("train/images_per_s", images / (now - self._last), on_step=True, rank_zero_only=True)
+        self._last = now

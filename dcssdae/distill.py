@@ -1,0 +1,74 @@
+"""DistillSystem: one-step distillation of a trained DC-SSDAE decoder (SSDD, Vallaeys et al. 2025, Sec. 3.4).
+
+The teacher is the frozen model of `init_from` (its EMA weights, normally phase 3's) sampling `teacher_steps`
+steps from noise with the configured sampler. The student starts as a copy of the teacher and learns to map the
+same noise and the same latent z (posterior mean) to the teacher's result in a single decoder evaluation. Its
+loss is the objective's own loss at the pure-noise level (EqM gamma = 0, FM t = 1) with the teacher's sample
+standing in for the data, plus LPIPS between the two images:
+
+    z = E(x);  x_teacher = sample_N(teacher, noise, z)                      # N evaluations, no gradient
+    pred = student(noise, z);  x_student = to_x0(noise, pred)               # the one-step decoder
+    loss = w_eqm * |pred - target(x_teacher, noise)|^2 + w_lpips * LPIPS(x_student, x_teacher)
+
+(For EqM the first term is c(0)^2 * |x_student - x_teacher|^2, for FM exactly |x_student - x_teacher|^2.)
+Only the student's decoder trains; the encoder is frozen. Validation decodes in one step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from dcssdae.corruption import FlowMatching
+from dcssdae.sampling import sample
+from dcssdae.system import DCSSDAESystem
+
+
+class DistillSystem(DCSSDAESystem):
+    """Student decoder trained to reproduce the teacher's N-step samples in one step."""
+
+    def __init__(self, *args, teacher_steps: int = 8, val_steps: int | None = 1, **kwargs):
+        """
+        Args:
+            teacher_steps: sampler steps of the teacher (the configured sampler's method and step size).
+            val_steps: validation sampler steps of the student (1: the distilled one-step decoder).
+        """
+        super().__init__(*args, val_steps=val_steps, **kwargs)
+        if teacher_steps < 1:
+            raise ValueError(f"teacher_steps must be >= 1, got {teacher_steps}")
+        if self.encoder_trains:
+            raise ValueError("distillation trains the decoder only: set trainable to decoder patterns, e.g. "
+                             "['decoder.*']")
+        self.teacher_steps = teacher_steps
+        self.teacher = copy.deepcopy(self.ae).requires_grad_(False).eval()  # weights: setup() or the checkpoint
+
+    def setup(self, stage: str) -> None:
+        new_run = stage == "fit" and self.trainer.ckpt_path is None  # (a resumed run has its teacher in the ckpt)
+        if new_run and not self.init_from:
+            raise ValueError("distillation needs a teacher: set model.init_from to the phase-3 checkpoint")
+        super().setup(stage)  # loads init_from into the student
+        if new_run:
+            self.teacher.load_state_dict(self.ae.state_dict())
+
+    def train(self, mode: bool = True) -> DistillSystem:
+        super().train(mode)
+        self.teacher.eval()  # the teacher always samples in inference mode
+        return self
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x = batch["image"]
+        with torch.no_grad():
+            z = self.teacher.encoder(x).mode()                              # same z for teacher and student
+            noise = torch.randn_like(x)                                     # same noise for both
+            settings = self.teacher.sampler_settings(steps=self.teacher_steps)
+            x_teacher, _ = sample(self.teacher.decoder, noise, settings.pop("method"), context=(z,), **settings)
+        level = torch.full((x.shape[0],), 1.0 if isinstance(self.corruption, FlowMatching) else 0.0,
+                           device=x.device)                                 # pure noise: FM t = 1, EqM gamma = 0
+        pred = self.ae.decoder(noise, z, self.corruption.decoder_time(level))   # one student evaluation
+        x_student = self.corruption.to_x0(noise, pred, level)
+        target = self.corruption.target(x_teacher, noise, level)            # the teacher's sample as the data
+        terms = {self.corruption.name: self.corruption.loss(pred, target).mean()}
+        if self.lpips is not None:
+            terms[self.lpips.name] = self.lpips(x_student, x_teacher).mean()
+        return self.log_loss(terms)

@@ -1,0 +1,325 @@
+"""DCSSDAESystem: the LightningModule that trains a DCSSDAE (every phase of the recipe; distillation subclasses it).
+
+One training step is the data flow of the DC-SSDAE write-up (Sec. 3.2):
+
+    x --encoder--> q(z|x) --sample--> z ----------------------------.
+    noise, level ~ corruption --> x_t = corrupt(x, noise, level) --decoder(x_t, z, t?)--> pred --> x0_hat
+    loss = w_eqm * MSE(pred, target) + w_lpips * LPIPS(x0_hat, x) + w_repa * REPA(tokens, x) + w_kl * KL(q(z|x))
+    (terms are logged by name: eqm or fm, lpips or stlpips, repa, kl; see dcssdae.losses.LossWeights)
+
+Phases differ only in configuration (see configs/phase*.yaml): which parameters train (`trainable`, fnmatch
+patterns over the autoencoder's parameter names), `init_from` (weights of the previous phase), image size and
+loss weights. `init_from` loads weights only (a new phase); `dcssdae fit --ckpt_path` resumes the full state.
+Validation decodes with the configured sampler from fixed-seed noise (the same images every time) and
+reports `ReconstructionMetrics`; the EMA callback swaps in the averaged weights for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from dcssdae.autoencoder import DCSSDAE, build_corruption, corruption_config, load_weights
+from dcssdae.corruption import EquilibriumMatching, FlowMatching
+from dcssdae.losses import LossWeights, LPIPSLoss, REPALoss, kl_loss
+from dcssdae.metrics import ReconstructionMetrics, format_table, write_json
+
+# Parameters that get no weight decay: biases, norm gains, embeddings and position tables (any tensor with < 2
+# dims, plus these names), as in nanoGPT / timm.
+NO_DECAY_NAMES = ("embed", "rel_bias", "pos_")
+
+
+class DCSSDAESystem(pl.LightningModule):
+    """Trains a DC-SSDAE autoencoder (encoder + diffusion decoder) with EqM/FM + LPIPS + REPA + KL."""
+
+    def __init__(
+        self,
+        encoder: str = "dc-ae-f32c32-in-1.0",
+        decoder: str = "S",
+        corruption: EquilibriumMatching | FlowMatching | None = None,
+        encoder_overrides: dict[str, Any] | None = None,
+        decoder_overrides: dict[str, Any] | None = None,
+        encoder_pretrained: str | None = None,
+        sampler: dict[str, Any] | None = None,
+        sample_posterior: bool = True,
+        loss_weights: LossWeights | None = None,
+        lpips_variant: Literal["lpips", "stlpips"] = "lpips",
+        lpips_net: Literal["vgg", "alex"] = "vgg",
+        repa_encoder: str = "vit_base_patch14_dinov2",
+        repa_block: int = 4,
+        repa_pretrained: bool = True,
+        trainable: list[str] | None = None,
+        init_from: str | None = None,
+        optimizer: Literal["adamw", "radam_schedulefree"] = "adamw",
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        val_steps: int | None = None,
+        val_rfid: bool = True,
+        val_lpips: str | None = "lpips",
+        val_seed: int = 0,
+    ):
+        """
+        Args:
+            encoder: encoder preset (dcssdae.encoder.ENCODERS), e.g. "dc-ae-f32c32-in-1.0", "tiny-f32c8".
+            decoder: decoder preset (dcssdae.decoder.DECODERS), e.g. "S", "M", "tiny".
+            corruption: the objective: EquilibriumMatching (default, linear decay) or FlowMatching (time-conditioned
+                decoder). Choose it with `class_path`.
+            encoder_overrides: constructor arguments replacing the encoder preset's (e.g. {double_latent: true}).
+            decoder_overrides: constructor arguments replacing the decoder preset's.
+            encoder_pretrained: encoder weights to start from (DC-AE / diffusers file or folder), or None.
+            sampler: decoding sampler {"method": ..., **settings} (dcssdae.sampling); default 8 EqM descent steps
+                with eta = 1/c(0), or 8 Euler steps for FM.
+            sample_posterior: train the decoder on z ~ q(z|x) (True) or on its mean.
+            loss_weights: weights of the named loss terms (eqm or fm, lpips or stlpips, repa, kl); a term whose
+                weight is 0 is not computed (and its network not loaded).
+            lpips_variant: perceptual loss: "lpips" (needs the ImageNet backbone weights) or "stlpips"
+                (shift-tolerant LPIPS, weights shipped in its wheel).
+            lpips_net: perceptual backbone: "vgg" (SSDD's loss) or "alex".
+            repa_encoder: frozen timm encoder whose patch features REPA aligns to (DINOv2-B), when
+                loss_weights.repa > 0.
+            repa_block: middle-transformer block (0-based) whose tokens REPA aligns (SSDD: 4).
+            repa_pretrained: load the REPA encoder's pretrained weights (False: random, tests only).
+            trainable: fnmatch patterns over the autoencoder's parameter names ("encoder.*", "decoder.ctx.*");
+                only matching parameters train, the rest is frozen. Default: everything.
+            init_from: weights to start from (a previous phase's .ckpt, its EMA weights, or an export directory);
+                loaded at the start of `fit` unless resuming with --ckpt_path. Strict about shapes.
+            optimizer: "adamw" (with linear warm-up, then constant) or "radam_schedulefree" (SSDD's choice).
+            lr: learning rate.
+            weight_decay: decoupled weight decay of matrices/convolutions (not of norms, biases, embeddings).
+            betas: Adam betas.
+            warmup_steps: linear learning-rate warm-up (AdamW only).
+            val_steps: sampler steps for validation (None: the sampler's; 1: the one-step decoder).
+            val_rfid: compute rFID at validation (TF-Inception; meaningful on >= 10k images).
+            val_lpips: perceptual metric at validation: "lpips", "stlpips" or None.
+            val_seed: seed of the validation noise (the same noise at every validation).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.ae = DCSSDAE(encoder, decoder, build_corruption(corruption), encoder_overrides, decoder_overrides,
+                          sampler, encoder_pretrained=encoder_pretrained)
+        # A checkpoint must load with weights_only=True: keep the corruption as a {class_path, init_args} dict.
+        self.hparams["corruption"] = corruption_config(self.ae.corruption)
+        self.corruption = self.ae.corruption
+        if isinstance(loss_weights, dict):  # from a checkpoint's hparams
+            loss_weights = LossWeights(**loss_weights)
+        self.loss_weights = loss_weights or LossWeights()
+        self.hparams["loss_weights"] = dataclasses.asdict(self.loss_weights)
+        self.sample_posterior = sample_posterior
+        self.trainable = list(trainable or ["*"])
+        self.init_from = init_from
+        self.optimizer_name, self.lr, self.weight_decay, self.betas = optimizer, lr, weight_decay, tuple(betas)
+        self.warmup_steps = warmup_steps
+        self.val_steps, self.val_seed = val_steps, val_seed
+
+        # Auxiliary losses: built only when weighted (no VGG / DINOv2 load otherwise).
+        weights = self.loss_weights
+        self.lpips = LPIPSLoss(lpips_net, lpips_variant) if getattr(weights, lpips_variant) > 0 else None
+        self.repa = None
+        if weights.repa > 0:
+            block = min(repa_block, self.ae.decoder.mid_depth - 1)
+            self.repa = REPALoss(self.ae.decoder.mid_dim, repa_encoder, block, pretrained=repa_pretrained)
+        self.val_metrics = ReconstructionMetrics(rfid=val_rfid, lpips_variant=val_lpips)
+
+        self.freeze_except(self.trainable)
+
+    # ------------------------------------------------------------------------------------------------
+    # What trains.
+
+    def freeze_except(self, patterns: list[str]) -> None:
+        """requires_grad only for autoencoder parameters whose name matches one of `patterns` (fnmatch)."""
+        names = [name for name, _ in self.ae.named_parameters()]
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                raise ValueError(f"trainable pattern {pattern!r} matches no autoencoder parameter; names look like "
+                                 f"{names[0]!r} ... {names[-1]!r} (see `DCSSDAESystem(...).ae.named_parameters()`)")
+        for name, p in self.ae.named_parameters():
+            p.requires_grad_(any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns))
+
+    @property
+    def encoder_trains(self) -> bool:
+        return any(p.requires_grad for p in self.ae.encoder.parameters())
+
+    def trained_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Autoencoder parameters that train, plus the REPA projection head when REPA is on."""
+        named = [(f"ae.{n}", p) for n, p in self.ae.named_parameters() if p.requires_grad]
+        if self.repa is not None:
+            named += [(f"repa.{n}", p) for n, p in self.repa.named_parameters() if p.requires_grad]
+        return named
+
+    # ------------------------------------------------------------------------------------------------
+    # Weights of an earlier phase (init_from) and the per-rank noise.
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.init_from and self.trainer.ckpt_path is None:
+            self.load_init_weights(self.init_from)
+        # Lightning warns about modules left in eval mode at the start of fit: ours are frozen on purpose (the
+        # metric networks, a distillation teacher).
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+    def load_init_weights(self, path: str) -> None:
+        """Load autoencoder weights (EMA when the checkpoint has them) from a .ckpt or an export directory.
+
+        Shapes must match exactly; missing and unexpected names are reported (missing ones keep their init).
+        """
+        _, state = load_weights(path)
+        own = self.ae.state_dict()
+        mismatched = [f"{k}: {tuple(v.shape)} in {Path(path).name}, {tuple(own[k].shape)} here"
+                      for k, v in state.items() if k in own and v.shape != own[k].shape]
+        if mismatched:
+            raise ValueError(f"init_from {path}: shape mismatch (different encoder/decoder config?):\n  "
+                             + "\n  ".join(mismatched))
+        report = self.ae.load_state_dict(state, strict=False)
+        loaded = len(state) - len(report.unexpected_keys)
+        rank_zero_info(f"init_from {path}: loaded {loaded} of the autoencoder's {len(own)} tensors")
+        if report.missing_keys:
+            rank_zero_warn(f"init_from {path}: {len(report.missing_keys)} tensors NOT loaded (they keep their "
+                           f"initialisation): {', '.join(report.missing_keys)}")
+        if report.unexpected_keys:
+            rank_zero_warn(f"init_from {path}: {len(report.unexpected_keys)} tensors of the file have no place in "
+                           f"this network (ignored): {', '.join(report.unexpected_keys)}")
+        self.init_report = {"loaded": loaded, "missing": report.missing_keys, "unexpected": report.unexpected_keys}
+
+    def on_train_start(self) -> None:
+        # seed_everything gives every rank the same seed: offset it so that each rank draws its own noise.
+        if self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + 1_000_003 * self.global_rank)
+
+    # ------------------------------------------------------------------------------------------------
+    # Training: the data flow.
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x = batch["image"]                                                  # (B, 3, S, S) in [-1, 1]
+        with torch.set_grad_enabled(self.encoder_trains):
+            posterior = self.ae.encoder(x)                                  # q(z | x)
+        z = posterior.sample() if self.sample_posterior else posterior.mode()   # (B, c, S/f, S/f)
+        noise = torch.randn_like(x)
+        level = self.corruption.sample_level(x)                             # EqM: gamma ~ U[0,1); FM: t
+        x_t = self.corruption.corrupt(x, noise, level)                      # decoder input
+        tokens_at = self.repa.block if self.repa is not None else None
+        out = self.ae.decoder(x_t, z, self.corruption.decoder_time(level), return_tokens_at=tokens_at)
+        pred, tokens = out if tokens_at is not None else (out, None)        # field / velocity, (B, N, D)
+        x0_hat = self.corruption.to_x0(x_t, pred, level)                    # one-step estimate of x
+        target = self.corruption.target(x, noise, level)
+        terms = {self.corruption.name: self.corruption.loss(pred, target).mean()}   # "eqm" or "fm"
+        if self.lpips is not None:
+            terms[self.lpips.name] = self.lpips(x0_hat, x).mean()           # "lpips" or "stlpips"
+        if self.repa is not None:
+            terms["repa"] = self.repa(tokens, x).mean()
+        if self.encoder_trains and self.loss_weights.kl > 0:
+            terms["kl"] = kl_loss(posterior)
+        return self.log_loss(terms)
+
+    def log_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Weighted total (`LossWeights.total`); logs every term, the total and the learning rate."""
+        loss = self.loss_weights.total(terms)
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=True, prog_bar=False)
+        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for _, p in self.trained_parameters() if p.grad is not None]
+        if grads:  # before clipping (Lightning clips after this hook)
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))),
+                     on_step=True)
+
+    # ------------------------------------------------------------------------------------------------
+    # Validation (and `dcssdae test`): encode (posterior mean), decode from fixed-seed noise with the validation
+    # sampler, accumulate the metrics; report them at the end (and write them as JSON for validate / test).
+
+    def val_sampler(self) -> dict[str, Any]:
+        return self.ae.sampler_settings(steps=self.val_steps)
+
+    def reconstruct(self, x: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_hat in [-1, 1], nfe) from noise seeded by (val_seed, batch, rank): the same images every time."""
+        seed = self.val_seed + batch_idx * self.trainer.world_size + self.global_rank
+        noise = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(seed), device=x.device)
+        x_hat, nfe = self.ae.decode(self.ae.encode(x), noise=noise.to(x.dtype), return_nfe=True, **self.val_sampler())
+        return x_hat.float().clamp(-1, 1), nfe
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        x = batch["image"]
+        x_hat, nfe = self.reconstruct(x, batch_idx)
+        self.val_metrics.update(x_hat, x, nfe)
+        return {"x": x, "x_hat": x_hat}
+
+    test_step = validation_step
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
+        return {"key": batch["key"], "x_hat": self.reconstruct(batch["image"], batch_idx)[0]}
+
+    def on_validation_epoch_end(self) -> None:
+        self.report_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.report_metrics("test")
+
+    def report_metrics(self, stage: str) -> None:
+        metrics = self.val_metrics.compute()  # synchronised over ranks
+        self.val_metrics.reset()
+        # identical on every rank already; sync_dist only keeps Lightning's DDP bookkeeping happy
+        self.log_dict({f"{stage}/{k}": float(v) for k, v in metrics.items()}, sync_dist=True)
+        command = self.trainer.state.fn.value  # "fit", "validate", "test"
+        if command in ("validate", "test"):
+            log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+            if self.trainer.is_global_zero:
+                out = Path(log_dir or self.trainer.default_root_dir) / f"{command}_metrics.json"
+                write_json({**metrics, "sampler": self.val_sampler()}, out)
+                print(format_table(metrics) + f"\nwritten to {out}")
+
+    # ------------------------------------------------------------------------------------------------
+    # Optimiser: only the trained parameters; no decay for norms, biases, embeddings.
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.trained_parameters():
+            (no_decay if p.ndim < 2 or any(s in name for s in NO_DECAY_NAMES) else decay).append(p)
+        if not decay and not no_decay:
+            raise ValueError(f"nothing to train: trainable patterns {self.trainable} leave every parameter frozen")
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.optimizer_name == "radam_schedulefree":
+            import schedulefree
+
+            return schedulefree.RAdamScheduleFree(groups, lr=self.lr, betas=self.betas)
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+        warmup = max(1, self.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # Schedule-free optimisers evaluate at their averaged iterate: switch them around validation. These hooks run
+    # before / after the EMA callback's swaps (model_eval precedes on_validation_epoch_start).
+    def _schedule_free(self):
+        if self.optimizer_name != "radam_schedulefree" or self._trainer is None or not self.trainer.optimizers:
+            return None
+        return self.trainer.optimizers[0]
+
+    def on_train_epoch_start(self) -> None:
+        if (optimizer := self._schedule_free()) is not None:
+            optimizer.train()
+
+    def on_validation_model_eval(self) -> None:
+        super().on_validation_model_eval()
+        if (optimizer := self._schedule_free()) is not None:
+            optimizer.eval()
+
+    def on_validation_model_train(self) -> None:
+        super().on_validation_model_train()
+        if (optimizer := self._schedule_free()) is not None:
+            optimizer.train()
+
+    # ------------------------------------------------------------------------------------------------
+    # Checkpoints describe the network they hold (see dcssdae.callbacks for where the EMA weights live).
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dcssdae_config"] = self.ae.config()

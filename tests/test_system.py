@@ -1,0 +1,258 @@
+"""DCSSDAESystem / DistillSystem / callbacks without the CLI: what trains, the optimiser groups, init_from, the EMA
+and its place in checkpoints, one-step distillation targets. Tiny presets, random in-memory images."""
+
+import copy
+import fnmatch
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader, Dataset
+
+from dcssdae.autoencoder import DCSSDAE, load_weights
+from dcssdae.callbacks import EMA
+from dcssdae.corruption import FlowMatching
+from dcssdae.decoder import build_decoder
+from dcssdae.distill import DistillSystem
+from dcssdae.encoder import build_encoder
+from dcssdae.losses import LossWeights
+from dcssdae.system import DCSSDAESystem
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = {"encoder": "tiny-f32c8", "decoder": "tiny", "lpips_variant": "stlpips", "lpips_net": "alex",
+        "val_rfid": False, "val_lpips": None, "val_steps": 1, "loss_weights": LossWeights(repa=0.0)}
+
+
+def shipped_trainable(name: str) -> list[str]:
+    return yaml.safe_load((CONFIGS / name).read_text())["model"]["init_args"]["trainable"]
+
+
+class RandomImages(Dataset):
+    def __init__(self, n=4, size=64):
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": -1, "key": str(i)}
+
+
+def loader(n=4):
+    return DataLoader(RandomImages(n), batch_size=2)
+
+
+def fit(model, steps=2, callbacks=(), root=None, **kwargs):
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+                         default_root_dir=root, num_sanity_val_steps=0, **kwargs)
+    trainer.fit(model, train_dataloaders=loader(), val_dataloaders=loader(2))
+    return trainer
+
+
+# ------------------------------------------------------------------------------------------------
+# What trains.
+
+
+@pytest.mark.parametrize("config", ["phase2.yaml", "phase3.yaml", "distill.yaml"])
+def test_shipped_trainable_patterns_match_real_and_tiny_networks(config):
+    """Every pattern of the shipped phase configs selects parameters of the real GPU networks (built on the meta
+    device: names only) and of the tiny test presets, and leaves others frozen."""
+    patterns = shipped_trainable(config)
+    base = yaml.safe_load((CONFIGS / "base.yaml").read_text())["model"]["init_args"]
+    for encoder, decoder in ((base["encoder"], base["decoder"]), ("tiny-f32c8", "tiny")):
+        with torch.device("meta"):
+            enc = build_encoder(encoder, double_latent=True)
+            dec = build_decoder(decoder, enc.latent_channels)
+        names = [f"encoder.{n}" for n, _ in enc.named_parameters()] + [f"decoder.{n}" for n, _ in dec.named_parameters()]
+        for pattern in patterns:
+            assert any(fnmatch.fnmatchcase(n, pattern) for n in names), f"{config}: {pattern} matches nothing"
+        frozen = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        assert frozen, f"{config}: the patterns train everything"
+
+
+def test_unknown_pattern_is_an_error():
+    with pytest.raises(ValueError, match="matches no autoencoder parameter"):
+        DCSSDAESystem(**TINY, trainable=["encoder.no_such_layer.*"])
+
+
+def test_phase2_freezing_keeps_frozen_weights_identical_after_steps():
+    model = DCSSDAESystem(**TINY, trainable=shipped_trainable("phase2.yaml"), lr=1e-2)
+    before = copy.deepcopy(model.ae.state_dict())
+    trained = {n for n, p in model.ae.named_parameters() if p.requires_grad}
+    assert trained and len(trained) < len(before)
+    fit(model, steps=3)
+    after = model.ae.state_dict()
+    for name, value in before.items():
+        if name in trained:
+            continue
+        assert torch.equal(value, after[name]), f"frozen {name} changed"
+    changed = [n for n in trained if not torch.equal(before[n], after[n])]
+    assert changed, "no trainable weight moved"
+
+
+def test_optimizer_gets_only_trained_parameters_with_no_decay_group():
+    model = DCSSDAESystem(**TINY, trainable=["decoder.*"], weight_decay=0.1)
+    optimizer = model.configure_optimizers()["optimizer"]
+    decay, no_decay = optimizer.param_groups
+    trained = {id(p) for p in model.ae.decoder.parameters()}
+    ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert ids == trained  # the frozen encoder is not in the optimiser
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"])
+    names = {id(p): n for n, p in model.ae.decoder.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert any(n.endswith("rel_bias") for n in no_decay_names)  # position tables: no decay
+    assert any("norm" in n for n in no_decay_names) and any(n.endswith(".bias") for n in no_decay_names)
+
+
+def test_schedule_free_radam_trains_and_validates():
+    import schedulefree
+
+    model = DCSSDAESystem(**TINY, optimizer="radam_schedulefree", lr=1e-3)
+    before = model.ae.decoder.out_conv.weight.detach().clone()
+    trainer = fit(model, steps=6, val_check_interval=2)  # RAdam skips its first steps (variance rectification)
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, schedulefree.RAdamScheduleFree)
+    assert optimizer.param_groups[0]["train_mode"]  # switched back to train mode after validation
+    assert not torch.equal(before, model.ae.decoder.out_conv.weight)
+
+
+def test_kl_only_when_the_encoder_trains():
+    model = DCSSDAESystem(**TINY, trainable=["decoder.*"])
+    terms = {}
+    model.log_loss = lambda t: terms.update(t) or sum(t.values())
+    model.training_step({"image": RandomImages(2)[0]["image"][None].repeat(2, 1, 1, 1)}, 0)
+    assert "kl" not in terms and {"eqm", "stlpips"} <= set(terms)
+
+
+# ------------------------------------------------------------------------------------------------
+# init_from: weights of an earlier phase.
+
+
+def save_checkpoint(ae: DCSSDAE, path: Path) -> Path:
+    torch.save({"state_dict": {f"ae.{k}": v for k, v in ae.state_dict().items()}, "dcssdae_config": ae.config()},
+               path)
+    return path
+
+
+def test_init_from_loads_weights_and_reports_missing(tmp_path):
+    source = DCSSDAE("tiny-f32c8", "tiny", corruption=FlowMatching())  # has a time MLP the EqM decoder lacks
+    model = DCSSDAESystem(**TINY)
+    with pytest.warns(UserWarning, match="no place in this network"):
+        model.load_init_weights(str(save_checkpoint(source, tmp_path / "fm.ckpt")))
+    assert any("time_mlp" in k for k in model.init_report["unexpected"])
+    assert torch.equal(model.ae.encoder.project_out.weight, source.encoder.project_out.weight)
+
+
+def test_init_from_is_strict_about_shapes(tmp_path):
+    source = DCSSDAE("tiny-f32c8", "tiny", encoder_overrides={"latent_channels": 4})
+    model = DCSSDAESystem(**TINY)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        model.load_init_weights(str(save_checkpoint(source, tmp_path / "c4.ckpt")))
+
+
+def test_from_pretrained_rejects_a_non_dcssdae_checkpoint(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not a checkpoint written by"):
+        load_weights(tmp_path / "other.ckpt")
+
+
+# ------------------------------------------------------------------------------------------------
+# EMA.
+
+
+def test_ema_update_rule_start_step_and_warmup():
+    """Before start_step the EMA follows the weights; then decay min(d, (1+n)/(10+n))."""
+    module = SimpleNamespace(ae=torch.nn.Linear(1, 1, bias=False))
+    module.ae.weight.data.fill_(0.0)
+    ema = EMA(decay=0.9, start_step=2)
+    ema.on_fit_start(None, module)
+    expected = 0.0
+    for step in range(1, 6):
+        module.ae.weight.data.fill_(float(step))
+        ema.on_train_batch_end(SimpleNamespace(global_step=step), module, None, None, step)
+        if step < 2:
+            expected = float(step)
+        else:
+            n = step - 1
+            decay = min(0.9, (1 + n) / (10 + n))
+            expected = decay * expected + (1 - decay) * step
+        assert ema.ema[0].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ema_lives_in_the_checkpoint_state_dict_and_validation_uses_it(tmp_path):
+    model = DCSSDAESystem(**TINY, lr=1e-2)
+    ema = EMA(decay=0.5)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[ema, checkpoint], num_sanity_val_steps=0)
+    trainer.fit(model, train_dataloaders=loader(6), val_dataloaders=loader(2))
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert ckpt["callbacks"]["EMA"]["num_updates"] == 3
+    live, averaged = ckpt["current_model_state"], ckpt["state_dict"]
+    name = "ae.decoder.conv_in.weight"
+    assert not torch.equal(live[name], averaged[name])
+    for k, v in zip(ema._live(model), ema.ema):  # the EMA tensors are what state_dict holds
+        assert torch.equal(averaged["ae." + k], v)
+    assert ckpt["dcssdae_config"]["encoder"] == "tiny-f32c8"
+    # load_from_checkpoint and from_pretrained give the EMA weights
+    loaded = DCSSDAESystem.load_from_checkpoint(tmp_path / "last.ckpt")
+    assert torch.equal(loaded.ae.state_dict()["decoder.conv_in.weight"], averaged[name])
+    ae = DCSSDAE.from_pretrained(tmp_path / "last.ckpt")
+    assert torch.equal(ae.decoder.conv_in.weight, averaged[name])
+
+
+# ------------------------------------------------------------------------------------------------
+# Distillation.
+
+
+def test_distill_student_learns_teachers_n_step_sample_from_the_same_noise(tmp_path, monkeypatch):
+    teacher_ae = DCSSDAE("tiny-f32c8", "tiny")
+    torch.nn.init.normal_(teacher_ae.decoder.out_conv.weight, std=0.1)  # a non-zero field (the init predicts 0)
+    model = DistillSystem(**TINY, trainable=["decoder.*"], teacher_steps=3, init_from=str(
+        save_checkpoint(teacher_ae, tmp_path / "phase3.ckpt")))
+    model._trainer = SimpleNamespace(ckpt_path=None)
+    model.setup("fit")
+    assert torch.equal(model.teacher.decoder.out_norm.weight, teacher_ae.decoder.out_norm.weight)
+    from dcssdae import distill
+
+    calls, original = [], distill.sample
+    monkeypatch.setattr(distill, "sample", lambda fn, noise, method, **kw: calls.append((fn, noise, method, kw))
+                        or original(fn, noise, method, **kw))
+    decoder_inputs = []
+    model.ae.decoder.register_forward_pre_hook(lambda module, args: decoder_inputs.append(args[0]))
+    model._trainer = None
+    x = RandomImages(2)[0]["image"][None].repeat(2, 1, 1, 1)
+    loss = model.training_step({"image": x}, 0)
+    (fn, noise, method, settings), = calls
+    assert fn is model.teacher.decoder and method == "gd" and settings["steps"] == 3
+    assert torch.equal(decoder_inputs[0], noise)  # the student sees the teacher's noise, once
+    assert len(decoder_inputs) == 1
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert all(p.grad is None for p in model.ae.encoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.ae.decoder.parameters())
+
+
+def test_distill_refuses_a_trainable_encoder_and_a_missing_teacher():
+    with pytest.raises(ValueError, match="decoder only"):
+        DistillSystem(**TINY, trainable=["*"])
+    model = DistillSystem(**TINY, trainable=["decoder.*"])
+    model._trainer = SimpleNamespace(ckpt_path=None)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        model.setup("fit")
+
+
+def test_validation_noise_is_the_same_every_time(tmp_path):
+    model = DCSSDAESystem(**{**TINY, "loss_weights": LossWeights(stlpips=0.0, repa=0.0)})
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    first = trainer.validate(model, loader(2), verbose=False)[0]
+    second = trainer.validate(model, loader(2), verbose=False)[0]
+    assert first["val/psnr"] == second["val/psnr"]
+    assert (tmp_path / "validate_metrics.json").is_file()  # `dcssdae validate` writes its metrics
