@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from dcssdae.metrics import write_json  # atomic JSON write
+
 EXPORT_FORMAT = "dcssdae-export-1"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -60,18 +62,6 @@ def _first_lines(error: Exception, n: int = 6) -> str:
 
 def _device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _write_json_atomic(data: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,7 +87,7 @@ def write_export(model, out_dir: str | Path, metadata: dict[str, Any] | None = N
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "dcssdae_export": EXPORT_FORMAT})
-        _write_json_atomic(config, tmp / CONFIG_FILE)
+        write_json(config, tmp / CONFIG_FILE)
         if out_dir.exists():  # overwrite: move the old one aside, put the new one in, delete the old one
             old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
             os.replace(out_dir, old / out_dir.name)
@@ -393,7 +383,7 @@ def write_latent_stats(export_dir: str | Path, stats: dict, shift: bool = False,
         **stats, "data": data, "shift": shift, "date": _now(),
         "convention": "encode: (z - latent_shift) * latent_scale; decode: z_scaled / latent_scale + latent_shift",
     }
-    _write_json_atomic(config, config_path)
+    write_json(config, config_path)
     return config
 
 
