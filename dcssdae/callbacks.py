@@ -51,6 +51,7 @@ class EMA(Callback):
         self.num_updates = 0  # updates since start_step (drives the warm-up)
         self.ema: list[torch.Tensor] | None = None  # aligned with _live_tensors(pl_module)
         self._loaded: dict[str, torch.Tensor] | None = None  # EMA read from a checkpoint before setup
+        self._swapped = False  # the module holds the EMA (during validation), self.ema the live weights
 
     @property
     def state_key(self) -> str:
@@ -88,6 +89,7 @@ class EMA(Callback):
                 tmp = live.clone()
                 live.copy_(ema)
                 ema.copy_(tmp)
+        self._swapped = not self._swapped
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         if self.ema is not None:
@@ -112,10 +114,12 @@ class EMA(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         if self.ema is None:
             return
-        live_state = checkpoint["state_dict"]
-        averaged = dict(live_state)
+        module_state = checkpoint["state_dict"]
+        other = dict(module_state)
         for name, ema in zip(self._live(pl_module), self.ema):
-            averaged["ae." + name] = ema
+            other["ae." + name] = ema
+        # Saved during validation (a pre-emption checkpoint): the module holds the EMA, self.ema the live weights.
+        live_state, averaged = (other, module_state) if self._swapped else (module_state, other)
         checkpoint["current_model_state"] = live_state
         checkpoint["state_dict"] = averaged
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -87,6 +88,13 @@ def make_cli_class():
     from lightning.pytorch.cli import LightningCLI
 
     from dcssdae.callbacks import EMA, ReconstructionGrid, Throughput
+    from dcssdae.checkpointing import (
+        PreemptionCheckpoint,
+        StepSeed,
+        load_checkpoint,
+        use_atomic_checkpoint_io,
+    )
+    from dcssdae.guards import NonFiniteGuard
 
     class DCSSDAECLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -97,8 +105,30 @@ def make_cli_class():
                                  "checkpoint.enable_version_counter": False})
             parser.add_lightning_class_args(ReconstructionGrid, "grid")
             parser.add_lightning_class_args(Throughput, "throughput")
+            # Reliability (see README, "Running on a cluster"): skip NaN/Inf steps, checkpoint on SIGTERM/Ctrl+C,
+            # per-step seeding for exact resume; every checkpoint is written atomically and read weights-only.
+            parser.add_lightning_class_args(NonFiniteGuard, "guard")
+            parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+            parser.add_lightning_class_args(StepSeed, "step_seed")
             # In subclass mode --help lists no model argument; show them (from the typed signatures) below it.
             parser.epilog = model_arguments_help()
+
+        def instantiate_trainer(self, **kwargs):
+            return use_atomic_checkpoint_io(super().instantiate_trainer(**kwargs))
+
+        def init_parser(self, **kwargs):
+            parser = super().init_parser(**kwargs)
+            parser.error = explain_parse_errors(parser.error)
+            return parser
+
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI reads the hyperparameters of --ckpt_path here (torch.load, weights_only=True); a corrupt
+            # or unsafe file is reported by our loader, naming the file and the problem.
+            try:
+                super()._parse_ckpt_path()
+            except Exception:
+                load_checkpoint(self.config[self.config.subcommand]["ckpt_path"])  # raises CheckpointLoadError
+                raise
 
     return DCSSDAECLI
 
@@ -164,8 +194,57 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: dcssdae {fit,validate,test,predict} [--config CONFIG ...]  (LightningCLI; see dcssdae fit --help)")
         for name, (_, text) in TOOLS.items():
             print(f"       dcssdae {name:<13} {text}")
-    run_lightning_cli(argv)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        run_lightning_cli(argv)
+    except SIGTERMException:  # pre-empted: PreemptionCheckpoint wrote the checkpoint and said where
+        return 143
+    except _user_errors() as error:
+        if os.environ.get("DCSSDAE_TRACEBACK"):
+            raise
+        print(f"dcssdae: error: {user_message(error)}\n(set DCSSDAE_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 1
     return 0
+
+
+# Errors that report bad input (a config, a file, the data) in their message: shown as one message, no traceback.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from dcssdae.checkpointing import CheckpointLoadError, NonFiniteCheckpointError
+    from dcssdae.data import TrainingDataError
+    from dcssdae.guards import NonFiniteLossError
+
+    return (ValueError, FileNotFoundError, NotADirectoryError, CheckpointLoadError, NonFiniteCheckpointError,
+            NonFiniteLossError, TrainingDataError)
+
+
+def explain_parse_errors(error):
+    """Wrap a parser's `error(message, ex)`: jsonargparse's message for a bad key under `model.init_args` ends at
+    "Problem with given class_path ...:"; the reason ("Option 'lr_rate' is not accepted") is the innermost cause."""
+
+    def explained(message: str, ex: BaseException | None = None):
+        cause = ex
+        while cause is not None and (cause.__cause__ or cause.__context__) is not None:
+            cause = cause.__cause__ or cause.__context__
+        reason = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
+        if reason and not message.startswith(reason):
+            message = f"{reason}\n{message}"
+        return error(message, ex)
+
+    return explained
+
+
+def user_message(error: BaseException) -> str:
+    """The part of an error message that names the problem: jsonargparse lists why a class could not be built
+    ("Errors:\n  - <ours>"); a DataLoader worker's error holds the worker's traceback, whose last line is ours."""
+    text = str(error).strip()
+    listed = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")
+              and "Expected a <class 'NoneType'>" not in line]
+    if "Errors:" in text and listed:
+        return listed[0]
+    if "Original Traceback" in text:
+        return text.splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 if __name__ == "__main__":

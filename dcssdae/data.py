@@ -50,6 +50,10 @@ class ImageDecodeError(ValueError):
     """The bytes are not a decodable image (empty, unknown format, corrupt or truncated)."""
 
 
+class TrainingDataError(RuntimeError):
+    """The training stream cannot go on: no shard readable, or no sample decodable, many times in a row."""
+
+
 def _to_8bit(a: np.ndarray, full_scale: float) -> np.ndarray:
     """Scale integers or floats in [0, full_scale] to uint8 with rounding (65535 -> 255, 32768 -> 128)."""
     return np.clip(np.rint(a.astype(np.float64) * (255.0 / full_scale)), 0, 255).astype(np.uint8)
@@ -314,8 +318,15 @@ class ValShards(IterableDataset):
         part = self.rank * num_workers + worker
         plan = split_assignment(len(self.urls), part, self.world_size * num_workers)
         images, labels, keys, skipped = [], [], [], 0
+
+        def on_error(exn: Exception) -> bool:
+            nonlocal skipped
+            skipped += 1
+            log.warning("validation: skipped unreadable shard data: %s: %s", type(exn).__name__, exn)
+            return True
+
         for shard, m, r in plan:
-            for i, sample in enumerate(read_shard(self.urls[shard])):
+            for i, sample in enumerate(read_shard(self.urls[shard], handler=on_error)):
                 if i % m != r:
                     continue
                 try:
@@ -360,10 +371,17 @@ def _shuffled(samples: Iterator[dict], buffer: int, rng: random.Random, initial:
 class TrainShards(IterableDataset):
     """Endless random training batches: shards drawn with replacement, shuffle buffer, random crops.
 
-    Each rank and worker draws from its own endless random stream (seeded by `seed`, the rank, the
-    DataLoader worker and its seed, and how many streams this copy started), so no two see the same
-    sequence. An "epoch" is a fixed number of batches, `batches_per_rank`, split evenly over the
-    workers; with persistent workers the stream (and its shuffle buffer) carries on across epochs.
+    An "epoch" is a fixed number of batches, `batches_per_rank`, split evenly over the workers. Batch i of
+    epoch e on a rank is batch i // W of random stream i % W (W = DataLoader workers, which yield their
+    batches round robin), and stream s of epoch e is seeded by (`seed`, rank, e, s) alone. So the batches are
+    a pure function of their position, which makes training resumable mid-epoch: `set_position(e, k)` starts
+    the next iteration at batch k of epoch e (worker w plays stream (w + k) % W, re-reading and dropping the
+    batches of it that were already used: resuming costs at most one epoch of data loading, no training).
+    The position lives in shared memory, so the main process can set it for persistent workers.
+
+    Unreadable shard data and undecodable samples are skipped and logged; the stream stops with a
+    `TrainingDataError` when no shard can be read (or holds samples) many times in a row, or when no sample
+    decodes many times in a row, instead of looping forever.
 
     Args:
         urls: shard URLs (brace patterns allowed).
@@ -391,60 +409,78 @@ class TrainShards(IterableDataset):
         self.image_size, self.aug_scale, self.batch_size = image_size, aug_scale, batch_size
         self.batches_per_rank, self.shuffle_buffer, self.seed = batches_per_rank, shuffle_buffer, seed
         self.rank = _dist_rank_world(None, None)[0] if rank is None else rank
-        self.stream: Iterator[dict] | None = None  # the endless batch stream, started on first use
-        self.streams = 0
+        # (epoch, first batch, 1 once set_position was called) for the next __iter__, shared with the workers.
+        self.position = torch.zeros(3, dtype=torch.long).share_memory_()
+        self.iterations = 0  # __iter__ calls on this copy: the epoch, when no position was ever set
+        self.max_consecutive_skips = max(1000, 2 * shuffle_buffer)  # undecodable samples in a row -> give up
 
     def __len__(self) -> int:
         return self.batches_per_rank
 
-    def _shard_urls(self, rng: random.Random) -> Iterator[dict]:
-        """Shards drawn with replacement; gives up when no shard could be read many times in a row."""
-        failures = 0
+    def set_position(self, epoch: int, first_batch: int = 0) -> None:
+        """Start the next iteration at batch `first_batch` of `epoch` (0 <= first_batch <= batches_per_rank)."""
+        if not 0 <= first_batch <= self.batches_per_rank:
+            raise ValueError(f"first_batch must be in [0, {self.batches_per_rank}], got {first_batch}")
+        self.position[0], self.position[1], self.position[2] = epoch, first_batch, 1
 
-        def on_error(exn: Exception) -> bool:
+    def _shard_urls(self, rng: random.Random) -> Iterator[dict]:
+        """Samples of shards drawn with replacement; gives up when no shard could be read (or held a sample)
+        many times in a row."""
+        failures, limit = 0, max(20, 2 * len(self.urls))
+
+        def give_up_after(error: str) -> None:
             nonlocal failures
             failures += 1
-            log.warning("training: skipped unreadable shard data: %s", exn)
-            if failures > max(20, 2 * len(self.urls)):
-                raise RuntimeError(f"no readable training shards among {self.urls[:3]}...: last error {exn}")
+            log.warning("training: skipped unreadable shard data: %s", error)
+            if failures > limit:
+                raise TrainingDataError(f"no readable training shards among {self.urls[:3]}... ({failures} "
+                                        f"failures in a row): last error {error}")
+
+        def on_error(exn: Exception) -> bool:
+            give_up_after(f"{type(exn).__name__}: {exn}")
             return True
 
-        def urls():
-            while True:
-                yield {"url": rng.choice(self.urls)}
-
-        for sample in wds.tariterators.tarfile_samples(urls(), handler=on_error):
-            failures = 0
-            yield sample
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "stream": None}  # a running generator cannot be pickled (spawn)
+        while True:
+            url, samples = rng.choice(self.urls), 0
+            for sample in wds.tariterators.tarfile_samples([{"url": url}], handler=on_error):
+                failures, samples = 0, samples + 1
+                yield sample
+            if samples == 0:
+                give_up_after(f"{url} holds no samples")
 
     def __iter__(self) -> Iterator[dict]:
-        if self.stream is None:
-            self.stream = self._batches()
-        return itertools.islice(self.stream, math.ceil(self.batches_per_rank / _worker()[1]))
+        worker, num_workers, _ = _worker()
+        epoch, first, explicit = self.position.tolist()
+        if not explicit:  # iterated without set_position (outside ImageNetDataModule): each iteration an epoch
+            epoch = self.iterations
+        self.iterations += 1
+        stream = (worker + first) % num_workers
+        used = len(range(stream, first, num_workers))  # batches of this stream before batch `first`
+        per_stream = math.ceil(self.batches_per_rank / num_workers)
+        return itertools.islice(self._batches(epoch, stream, num_workers), used, per_stream)
 
-    def _batches(self) -> Iterator[dict]:
-        worker, _, worker_seed = _worker()
-        self.streams += 1
-        entropy = [self.seed, self.rank, worker, worker_seed % 2**63, self.streams]
+    def _batches(self, epoch: int, stream: int, num_streams: int) -> Iterator[dict]:
+        entropy = [self.seed, self.rank, epoch, stream]
         rng = random.Random(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
-        images, labels, keys, skipped = [], [], [], 0
+        images, labels, keys, skipped, in_a_row, index = [], [], [], 0, 0, stream
         for sample in _shuffled(self._shard_urls(rng), self.shuffle_buffer, rng):
             try:
                 img, label = _sample_to_image(sample)
             except (ImageDecodeError, ValueError) as e:
-                skipped += 1
+                skipped, in_a_row = skipped + 1, in_a_row + 1
                 key, url = sample.get("__key__"), sample.get("__url__")
                 log.warning("training: skipped sample %s of %s: %s", key, url, e)
+                if in_a_row >= self.max_consecutive_skips:
+                    raise TrainingDataError(f"training: the last {in_a_row} samples all failed to decode (last: "
+                                            f"{key} of {url}: {e}); are these image shards?") from None
                 continue
+            in_a_row = 0
             images.append(train_transform(img, self.image_size, self.aug_scale, rng))
             labels.append(label)
             keys.append(sample["__key__"])
             if len(images) == self.batch_size:
-                yield {**collate(images, labels, keys), "skipped": skipped}
-                images, labels, keys, skipped = [], [], [], 0
+                yield {**collate(images, labels, keys), "skipped": skipped, "epoch": epoch, "index": index}
+                images, labels, keys, skipped, index = [], [], [], 0, index + num_streams
 
 
 # ------------------------------------------------------------------------------------------------
@@ -476,6 +512,11 @@ class ImageNetDataModule(L.LightningDataModule):
     `skipped_samples` ({"train": n, "val": n}, summed over workers on this rank). Batches from the
     data loaders themselves also carry "skipped" (per-batch count), which this module removes in
     `on_before_batch_transfer` before the batch reaches the LightningModule.
+
+    Resuming (`fit --ckpt_path`) continues the training data exactly where the checkpointed run was: the
+    module's `state_dict` (saved in the checkpoint) holds the position (epoch, batch) after the last batch
+    trained on, and the training stream is a pure function of its position (see `TrainShards`). This holds
+    for the same shards, seed, batch size, workers, world size and epoch size.
 
     The default data (train/val shards None or "default") are the real photos shipped in the
     scikit-image, scikit-learn and matplotlib wheels, written as shards under `$DCSSDAE_DATA/photos`
@@ -538,6 +579,8 @@ class ImageNetDataModule(L.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.skipped_samples = {"train": 0, "val": 0}
         self.classes: list[str] | None = None
+        self.train_position = (0, 0)  # (epoch, batch) just after the last training batch handed to the model
+        self.resume_position: tuple[int, int] | None = None  # train_position read from a checkpoint
 
     # -- Lightning hooks ---------------------------------------------------------------------------
 
@@ -598,7 +641,23 @@ class ImageNetDataModule(L.LightningDataModule):
             self.seed,
             rank,
         )
-        return self._loader(dataset)
+        return _PositionedLoader(
+            dataset,
+            self._train_start,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _train_start(self) -> tuple[int, int] | None:
+        """(epoch, first batch) for the next training iteration: the trainer's epoch, and when resuming into
+        the checkpoint's epoch, the batches of it already trained on. None outside `fit`."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return None
+        epoch = trainer.current_epoch
+        resume = self.resume_position
+        return epoch, resume[1] if resume is not None and resume[0] == epoch else 0
 
     def val_dataloader(self) -> DataLoader:
         if not hasattr(self, "val_urls"):
@@ -613,10 +672,44 @@ class ImageNetDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Move the per-batch skip count into `skipped_samples`, leaving {"image", "label", "key"}."""
-        skipped = batch.pop("skipped", 0)
+        """Move the per-batch skip count into `skipped_samples` and note the training position, leaving
+        {"image", "label", "key"}. (Called as each batch reaches the model, after any prefetching.)"""
+        skipped, epoch, index = batch.pop("skipped", 0), batch.pop("epoch", None), batch.pop("index", None)
+        trainer = self.trainer
+        training = trainer is not None and trainer.training
         if skipped:
-            trainer = self.trainer
-            stage = "train" if trainer is not None and trainer.training else "val"
-            self.skipped_samples[stage] += int(skipped)
+            self.skipped_samples["train" if training else "val"] += int(skipped)
+        if training and epoch is not None:
+            self.train_position = (int(epoch), int(index) + 1)
         return batch
+
+    def state_dict(self) -> dict:
+        return {"train_position": list(self.train_position), "skipped_samples": dict(self.skipped_samples)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "train_position" in state_dict:
+            self.train_position = self.resume_position = tuple(int(v) for v in state_dict["train_position"])
+        self.skipped_samples.update(state_dict.get("skipped_samples", {}))
+
+
+class _PositionedLoader(DataLoader):
+    """The training DataLoader: before each iteration it tells its `TrainShards` where to start (through
+    shared memory, so persistent workers see it too): `start()` -> (epoch, first batch), or None."""
+
+    def __init__(self, dataset: TrainShards, start, batch_size: None = None, **kwargs):
+        super().__init__(dataset, batch_size=batch_size, **kwargs)  # TrainShards batches in its workers
+        self.start = start
+
+    def __iter__(self):
+        position = self.start()
+        if position is not None:
+            self.dataset.set_position(*position)
+        return super().__iter__()
+
+    # Lightning's "stateful loader" protocol, so that it knows this loader resumes mid-epoch (and does not warn
+    # otherwise). The position itself is saved and restored by ImageNetDataModule.state_dict / load_state_dict.
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass

@@ -160,6 +160,11 @@ class DCSSDAESystem(pl.LightningModule):
     # Weights of an earlier phase (init_from) and the per-rank noise.
 
     def setup(self, stage: str) -> None:
+        size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
+        f = self.ae.encoder.downsample_factor
+        if size is not None and size % f:
+            raise ValueError(f"data.image_size {size} is not divisible by the encoder's downsampling factor {f} "
+                             f"(encoder {self.hparams.encoder!r}): use a multiple of {f}")
         if stage == "fit" and self.init_from and self.trainer.ckpt_path is None:
             self.load_init_weights(self.init_from)
         # Lightning warns about modules left in eval mode at the start of fit: ours are frozen on purpose (the
@@ -222,6 +227,7 @@ class DCSSDAESystem(pl.LightningModule):
     def log_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         """Weighted total (`LossWeights.total`); logs every term, the total and the learning rate."""
         loss = self.loss_weights.total(terms)
+        self.last_terms = {k: v.detach() for k, v in terms.items()}  # read by dcssdae.guards.NonFiniteGuard
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=True, prog_bar=False)
         self.log("train/loss", loss.detach(), on_step=True, prog_bar=True)
         if self._trainer is not None and self.trainer.optimizers:
@@ -323,3 +329,15 @@ class DCSSDAESystem(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dcssdae_config"] = self.ae.config()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resuming needs the very same network: say so plainly, before torch lists every size mismatch.
+        own, saved = self.ae.state_dict(), checkpoint.get("state_dict", {})
+        saved = {k[len("ae."):]: v for k, v in saved.items() if k.startswith("ae.")}
+        differ = sorted(own.keys() ^ saved.keys()) + [k for k in own.keys() & saved.keys()
+                                                       if own[k].shape != saved[k].shape]
+        if differ:
+            path = self._trainer.ckpt_path if self._trainer is not None else "the checkpoint"
+            raise ValueError(f"{path} holds another network than this config ({len(differ)} autoencoder tensors "
+                             f"differ, e.g. {', '.join(differ[:3])}). --ckpt_path resumes the same run; to start a "
+                             f"new one from its weights use --model.init_args.init_from {path}")

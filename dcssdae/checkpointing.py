@@ -1,0 +1,375 @@
+"""Checkpoints that survive clusters: atomic writes, safe loading, a save on pre-emption, exact resume.
+
+Read top to bottom: what a checkpoint may hold (finite tensors, nothing but weights when loaded), writing one
+atomically, the `AtomicCheckpointIO` plugin Lightning writes and reads through, the `PreemptionCheckpoint`
+callback (SIGTERM / first Ctrl+C -> finish the step, write `last.ckpt`, exit) and the `StepSeed` callback that
+makes the noise of every training batch a function of (seed, rank, epoch, batch index), so that a resumed run
+draws exactly the noise an uninterrupted run would have drawn.
+
+What Lightning 2.6 already does, and is kept:
+  * SIGTERM: `trainer.received_sigterm` is set; the training loop finishes the current batch and raises
+    `SIGTERMException` (a `SystemExit`), which reaches every callback's `on_exception`. Lightning itself saves
+    nothing there; `PreemptionCheckpoint` does.
+  * SLURM (`SLURMEnvironment(auto_requeue=True)`, detected by default under `srun`/`sbatch`): on the requeue
+    signal (SIGUSR1, ask for it with `#SBATCH --signal=USR1@120`) Lightning writes `hpc_ckpt_N.ckpt` in
+    `default_root_dir` and runs `scontrol requeue`; that write goes through this module's `AtomicCheckpointIO`.
+What it does not do: Lightning's own atomic save builds the file in the system temp dir and then moves it,
+which is a copy, not a rename, when that dir is on another file system, so a kill during the copy leaves a
+truncated file under the final name. `AtomicCheckpointIO` writes beside the target, fsyncs and renames.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import re
+import signal
+import socket
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteCheckpointError(RuntimeError):
+    """A checkpoint about to be written holds NaN or Inf values; it is not written."""
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint file cannot be read: missing, truncated, corrupt, or holding more than weights."""
+
+
+# ------------------------------------------------------------------------------------------------
+# What a checkpoint may hold: finite weights, EMA and optimiser moments. (Other entries may hold Inf on
+# purpose, e.g. ModelCheckpoint's best score before any; they are not checked.)
+
+CHECKED_ENTRIES = ("state_dict", "current_model_state", "optimizer_states")
+
+
+def _tensors(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Every floating-point tensor in nested dicts / lists / tuples, with a "/"-joined path as its name."""
+    if isinstance(tree, torch.Tensor):
+        return [(prefix, tree)] if tree.is_floating_point() or tree.is_complex() else []
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return []
+    return [named for key, value in items for named in _tensors(value, f"{prefix}/{key}" if prefix else str(key))]
+
+
+def nonfinite_tensors(tree: Any) -> list[str]:
+    """Names (paths in `tree`) of the floating tensors that hold a NaN or an Inf; one device sync per device."""
+    named = _tensors(tree)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, t) in enumerate(named):
+        by_device.setdefault(t.device, []).append(i)
+    bad = []
+    for indices in by_device.values():
+        finite = torch.stack([named[i][1].isfinite().all() for i in indices]).cpu()
+        bad += [named[i][0] for i, ok in zip(indices, finite.tolist()) if not ok]
+    return sorted(bad)
+
+
+def check_finite(checkpoint: dict, path: str | os.PathLike) -> None:
+    """Raise `NonFiniteCheckpointError` naming the weights / optimiser tensors of `checkpoint` that are not finite."""
+    bad = nonfinite_tensors({k: v for k, v in checkpoint.items() if k in CHECKED_ENTRIES})
+    if bad:
+        shown = ", ".join(bad[:8]) + (f", ... ({len(bad)} in all)" if len(bad) > 8 else "")
+        raise NonFiniteCheckpointError(
+            f"refusing to write checkpoint {path}: {len(bad)} tensor(s) hold NaN or Inf ({shown}); "
+            "the previous checkpoint there (if any) is kept"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing a file atomically: temp file beside the target, fsync, rename over the target, fsync the folder.
+# A reader sees the old file or the new one, never a partial one, even after a kill -9 or a power cut.
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once at import (os.umask can only be read by setting it)
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{_HOST}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temp files left beside `path` by writers on this host that no longer run (killed mid-write)."""
+    for temp in path.parent.glob(_temp_prefix(path) + "*.tmp"):
+        try:
+            pid = int(temp.name[len(_temp_prefix(path)) :].split(".", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            log.info("removing %s, left by a writer that was killed", temp)
+            temp.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows: folders cannot be opened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some network file systems refuse fsync on a folder; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save(obj)` to `path` so that `path` always holds either its previous content or all of `obj`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions open() would
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _local_path(path: str | os.PathLike) -> Path | None:
+    """`path` as a local Path, or None for a remote fsspec URL (s3://, gs://, ...)."""
+    text = os.fspath(path)
+    if text.startswith("file://"):
+        return Path(text[len("file://") :])
+    return None if "://" in text else Path(text)
+
+
+# ------------------------------------------------------------------------------------------------
+# Safe loading: torch.load(weights_only=True), with errors that name the file and the problem.
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool = True) -> dict:
+    """Read a `.ckpt` / `.pt` file with `torch.load(weights_only=True)` (no arbitrary unpickling).
+
+    Raises `CheckpointLoadError` (not a deep torch traceback) for a missing, truncated or corrupt file, and for a
+    file holding Python objects other than tensors and plain containers.
+    """
+    local = _local_path(path)
+    if local is not None and not local.is_file():
+        raise CheckpointLoadError(f"checkpoint {path} does not exist")
+    try:
+        if local is not None:
+            return torch.load(local, map_location=map_location, weights_only=weights_only)
+        from lightning.fabric.utilities.cloud_io import _load
+
+        return _load(os.fspath(path), map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        reason = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\.\s|\n|$)", str(e))
+        reason = reason.group(1).strip() if reason else str(e).strip().splitlines()[0]
+        if "Unsupported global" not in reason:  # not a pickle at all: junk bytes
+            raise CheckpointLoadError(f"checkpoint {path} cannot be read (not a torch checkpoint?): {reason}") from None
+        raise CheckpointLoadError(
+            f"checkpoint {path} holds Python objects other than weights; refusing to unpickle them "
+            f"(torch.load weights_only=True: {reason}). Load files you trust only with weights_only=False."
+        ) from None
+    except Exception as e:  # noqa: BLE001 (a damaged zip or pickle fails in many ways: RuntimeError, struct.error...)
+        raise CheckpointLoadError(f"checkpoint {path} cannot be read (truncated or corrupt?): "
+                                  f"{type(e).__name__}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# The Lightning plugin: every checkpoint Lightning writes (ModelCheckpoint, SLURM hpc_ckpt, pre-emption,
+# trainer.save_checkpoint) is checked for NaN/Inf and written atomically; every resume loads weights only.
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """`TorchCheckpointIO` with atomic local writes, a finite-values check and weights-only loading.
+
+    Remote paths (s3://, gs://, ...) are written by Lightning's own fsspec transaction (an object store
+    replaces an object in one piece, so it is atomic there too).
+    """
+
+    def __init__(self, check_finite: bool = True) -> None:
+        """
+        Args:
+            check_finite: refuse to write a checkpoint holding NaN/Inf (weights, EMA or optimiser moments).
+        """
+        super().__init__()
+        self.check_finite = check_finite
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
+        if self.check_finite:
+            check_finite(checkpoint, path)
+        local = _local_path(path)
+        if local is None:
+            log.info("%s is remote: written through Lightning's fsspec transaction", path)
+            super().save_checkpoint(checkpoint, path)
+            return
+        atomic_save(checkpoint, local)
+
+    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None):
+        """`torch.load(weights_only=True)` unless the caller asks for False (then it is their trusted file)."""
+        return load_checkpoint(path, map_location, weights_only=True if weights_only is None else weights_only)
+
+
+def use_atomic_checkpoint_io(trainer: pl.Trainer) -> pl.Trainer:
+    """Make `trainer` write and read checkpoints with `AtomicCheckpointIO`, unless it was given another
+    CheckpointIO plugin (async, sharded, ...), which is kept."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    return trainer
+
+
+# ------------------------------------------------------------------------------------------------
+# Pre-emption: SIGTERM (and a first Ctrl+C, turned into the same graceful stop) -> finish the current step,
+# write <checkpoint dir>/last.ckpt, exit. `dcssdae fit --ckpt_path last` then resumes from it.
+
+
+class PreemptionCheckpoint(Callback):
+    """Write a checkpoint when the run is stopped by SIGTERM or a first Ctrl+C (SIGINT), then exit.
+
+    Lightning turns SIGTERM into "finish this batch, then raise `SIGTERMException`"; this callback turns the first
+    SIGINT into the same, and on that exception saves `<dir>/<filename>.ckpt`, where <dir> is the ModelCheckpoint's
+    folder (so `--ckpt_path last` finds it) or `<default_root_dir>/checkpoints`. A second Ctrl+C stops at once,
+    without a checkpoint (the weights may be mid-update). Other exceptions save nothing: the state may be torn.
+    """
+
+    def __init__(self, filename: str = "last", handle_sigint: bool = True) -> None:
+        """
+        Args:
+            filename: checkpoint name, without ".ckpt" ("last": found by `--ckpt_path last`).
+            handle_sigint: treat the first Ctrl+C like SIGTERM (save, then exit) instead of stopping at once.
+        """
+        if not filename or "/" in filename:
+            raise ValueError(f"filename must be a plain file name without extension, got {filename!r}")
+        self.filename, self.handle_sigint = filename, handle_sigint
+        self.saved_path: str | None = None
+        self._trainer: pl.Trainer | None = None
+        self._previous_sigint: Any = None
+        self._interrupts = 0
+
+    def ckpt_path(self, trainer: pl.Trainer) -> str:
+        folders = [cb.dirpath for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+        folder = folders[0] if folders else os.path.join(trainer.default_root_dir, "checkpoints")
+        return os.path.join(folder, self.filename + ".ckpt")
+
+    # -- SIGINT -> graceful stop -----------------------------------------------------------------
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Installed here, after Lightning registered its own handlers (which it restores at teardown).
+        if self.handle_sigint and threading.current_thread() is threading.main_thread():
+            self._trainer, self._interrupts = trainer, 0
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        self._interrupts += 1
+        if self._interrupts > 1 or self._trainer is None:
+            raise KeyboardInterrupt
+        rank_zero_warn("Interrupted: finishing the current step and saving a checkpoint (Ctrl+C again: stop now, "
+                       "no checkpoint)")
+        connector = getattr(self._trainer, "_signal_connector", None)
+        if connector is not None and hasattr(connector, "received_sigterm"):
+            connector.received_sigterm = True  # what Lightning's SIGTERM handler sets
+        else:
+            signal.raise_signal(signal.SIGTERM)
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+        self._previous_sigint, self._trainer = None, None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_sigint()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_sigint()
+
+    # -- the save --------------------------------------------------------------------------------
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        path = self.ckpt_path(trainer)
+        try:
+            trainer.save_checkpoint(path, weights_only=False)
+        except NonFiniteCheckpointError as e:
+            log.error("pre-emption checkpoint not written: %s", e)
+            return
+        self.saved_path = path
+        rank_zero_info(f"Pre-empted at step {trainer.global_step} (epoch {trainer.current_epoch}): checkpoint "
+                       f"written to {path}; resume with `dcssdae fit ... --ckpt_path {path}` (or `--ckpt_path last`)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact resume of the random draws: the global RNGs are reseeded before every training batch from
+# (seed, rank, epoch, batch index), so step k draws the same noise (posterior sample, levels, noise,
+# dropout) whether the run reached it directly or was stopped and resumed. The seed is stored in the
+# checkpoint. Data order is restored by the data module (see ImageNetDataModule.state_dict).
+
+
+def step_seed(seed: int, rank: int, epoch: int, batch_idx: int) -> int:
+    """A 63-bit seed for one training batch, independent for every (seed, rank, epoch, batch_idx)."""
+    state = np.random.SeedSequence([seed, rank, epoch, batch_idx]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31 | int(state[1]) >> 1) & (2**63 - 1)
+
+
+class StepSeed(Callback):
+    """Reseed Python's, NumPy's and torch's (CPU and CUDA) global RNGs before every training batch."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        """
+        Args:
+            seed: base seed; None = the run's `seed_everything` value (PL_GLOBAL_SEED), else 0. A resumed run
+                uses the seed stored in its checkpoint.
+        """
+        self.seed = seed
+
+    @property
+    def state_key(self) -> str:
+        return "StepSeed"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.seed is None:
+            self.seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        seed = step_seed(self.seed or 0, trainer.global_rank, trainer.current_epoch, batch_idx)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)  # CPU and every CUDA device
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seed = state_dict["seed"]
