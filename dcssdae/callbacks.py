@@ -126,6 +126,8 @@ class EMA(Callback):
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         if self.decay == 0 or "current_model_state" not in checkpoint:
             return  # no EMA in the checkpoint: the EMA starts from the loaded (live) weights
+        if trainer.state.fn != "fit":
+            return  # validate / test / predict evaluate the EMA weights, which the module was restored with
         loaded = {k[3:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("ae.")}
         pl_module.load_state_dict(checkpoint["current_model_state"])  # the model was restored with EMA
         if self.ema is None:
@@ -185,7 +187,8 @@ class ReconstructionGrid(Callback):
 
 # ------------------------------------------------------------------------------------------------
 # Training throughput: images/s over all ranks, measured between consecutive batch ends (so data
-# loading counts), logged as train/images_per_s.
+# loading counts), logged as train/images_per_s; on CUDA also the peak GPU memory of this rank since the
+# previous log, train/peak_memory_gib.
 
 
 class Throughput(Callback):
@@ -203,4 +206,8 @@ class Throughput(Callback):
         if self._last is not None:
             images = batch["image"].shape[0] * trainer.world_size
             pl_module.log("train/images_per_s", images / (now - self._last), on_step=True, rank_zero_only=True)
+            if pl_module.device.type == "cuda" and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+                peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+                pl_module.log("train/peak_memory_gib", peak, on_step=True, rank_zero_only=True)
+                torch.cuda.reset_peak_memory_stats(pl_module.device)
         self._last = now

@@ -229,7 +229,8 @@ class Downsample(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One stage: `depth` blocks at constant width, then (except in the last stage) a residual x2 downsample.
+# One stage (a resolution level): blocks, then (except in the last stage) a x2 downsample. Shared by DCEncoder
+# (DC-AE Fig. 4: blocks at constant width, residual downsample) and encoder_kl.KLEncoder (LDM levels).
 
 
 class Stage(nn.Module):

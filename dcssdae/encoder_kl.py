@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcssdae.encoder import Posterior, check_image
+from dcssdae.encoder import Posterior, Stage, check_image
 
 # ----------------------------------------------------------------------------------------------------------------
 # ResNet block (LDM `ResnetBlock`, no time embedding): GN -> SiLU -> conv3x3 -> GN -> SiLU -> conv3x3, plus a 1x1
@@ -67,15 +67,8 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class Level(nn.Module):
-    def __init__(self, blocks: list[nn.Module], down: nn.Module | None):
-        super().__init__()
-        self.blocks = nn.Sequential(*blocks)
-        self.down = down
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(x)
-        return x if self.down is None else self.down(x)
+# ----------------------------------------------------------------------------------------------------------------
+# Middle block (LDM `mid`): ResNet block -> self-attention -> ResNet block, at the last level's width.
 
 
 class MidBlock(nn.Module):
@@ -93,7 +86,7 @@ class MidBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The KL-f8 encoder: conv_in -> levels -> mid -> GN/SiLU/conv_out (2c) -> quant_conv (1x1) -> (mean, logvar).
+# The KL-f8 encoder: conv_in -> levels (stages) -> mid -> GN/SiLU/conv_out (2c) -> quant_conv (1x1) -> (mean, logvar).
 
 
 class KLEncoder(nn.Module):
@@ -124,33 +117,32 @@ class KLEncoder(nn.Module):
         """
         super().__init__()
         widths = [channels * m for m in channel_mult]
-        bad = [w for w in widths if w % norm_groups]
+        bad = [w for w in [channels, *widths] if w % norm_groups]
         if bad:
-            raise ValueError(f"KLEncoder: widths {widths} must be divisible by norm_groups={norm_groups} (got {bad})")
+            raise ValueError(f"KLEncoder: channels {channels} and widths {widths} must be divisible by "
+                             f"norm_groups={norm_groups} (got {bad})")
         self.in_channels = in_channels
         self.latent_channels = latent_channels
         self.double_latent = double_latent
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
 
+        # The resolution levels are `encoder.Stage`s: ResNet blocks (the first one changes the width), then a x2
+        # downsample except in the last level.
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
-        self.levels = nn.ModuleList()
-        width = channels
-        for i, out_width in enumerate(widths):
-            blocks = []
-            for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(width, out_width, norm_groups))
-                width = out_width
-            self.levels.append(Level(blocks, Downsample(width) if i < len(widths) - 1 else None))
-        self.mid = MidBlock(width, norm_groups, mid_attention)
-        self.norm_out = nn.GroupNorm(norm_groups, width, 1e-6)
-        self.conv_out = nn.Conv2d(width, 2 * latent_channels, 3, padding=1)
+        self.stages = nn.ModuleList()
+        for s, (w_in, width) in enumerate(zip([channels, *widths[:-1]], widths)):
+            blocks = [ResnetBlock(w_in if j == 0 else width, width, norm_groups) for j in range(num_res_blocks)]
+            self.stages.append(Stage(blocks, Downsample(width) if s < len(widths) - 1 else None))
+        self.mid = MidBlock(widths[-1], norm_groups, mid_attention)
+        self.norm_out = nn.GroupNorm(norm_groups, widths[-1], 1e-6)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * latent_channels, 3, padding=1)
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
 
     def forward(self, x: torch.Tensor) -> Posterior:
         check_image(x, self.in_channels, self.downsample_factor, type(self).__name__)
         h = self.conv_in(x)  # (B, channels, H, W)
-        for level in self.levels:
-            h = level(h)  # (B, widths[-1], H/f, W/f) after the last level
+        for stage in self.stages:
+            h = stage(h)  # (B, widths[-1], H/f, W/f) after the last level
         h = self.conv_out(F.silu(self.norm_out(self.mid(h))))  # (B, 2c, H/f, W/f)
         mean, logvar = self.quant_conv(h).chunk(2, dim=1)
         return Posterior(mean, logvar if self.double_latent else None)

@@ -75,80 +75,75 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Key mappings: ordered (regex, replacement) rules applied with re.fullmatch. A replacement ending in "#i" is part i
-# of a tensor that is concatenated along dim 0 (q, k, v -> qkv).
+# Key mappings, as data: one table per encoder, a row per tensor: our name, then that tensor's name in each
+# checkpoint format (None: the format has no such tensor; a tuple: any of these names). Names are templates whose
+# fields `{s}` (stage), `{i}` (block), `{r}` (ResNet layer), `{p}` (weight|bias) stand for the parts that vary. Our
+# name ending in "#i" is part i of a tensor concatenated along dim 0 (q, k, v -> qkv).
 
-_B = r"(weight|bias)"
+_FIELDS = {"s": r"\d+", "i": r"\d+", "r": "norm1|conv1|norm2|conv2", "p": "weight|bias"}
 
-DC_DIFFUSERS = [
-    (rf"conv_in\.conv\.{_B}", r"project_in.conv.\1"),
-    (rf"conv_in\.{_B}", r"project_in.\1"),
-    (rf"down_blocks\.(\d+)\.(\d+)\.(conv1|conv2|norm)\.{_B}", r"stages.\1.blocks.\2.\3.\4"),
-    (r"down_blocks\.(\d+)\.(\d+)\.attn\.to_q\.weight", r"stages.\1.blocks.\2.attn.qkv.weight#0"),
-    (r"down_blocks\.(\d+)\.(\d+)\.attn\.to_k\.weight", r"stages.\1.blocks.\2.attn.qkv.weight#1"),
-    (r"down_blocks\.(\d+)\.(\d+)\.attn\.to_v\.weight", r"stages.\1.blocks.\2.attn.qkv.weight#2"),
-    (r"down_blocks\.(\d+)\.(\d+)\.attn\.to_out\.weight", r"stages.\1.blocks.\2.attn.proj.weight"),
-    (rf"down_blocks\.(\d+)\.(\d+)\.attn\.norm_out\.{_B}", r"stages.\1.blocks.\2.attn.norm.\3"),
-    (rf"down_blocks\.(\d+)\.(\d+)\.conv_out\.conv_inverted\.{_B}", r"stages.\1.blocks.\2.mlp.inverted.\3"),
-    (rf"down_blocks\.(\d+)\.(\d+)\.conv_out\.conv_depth\.{_B}", r"stages.\1.blocks.\2.mlp.depthwise.\3"),
-    (rf"down_blocks\.(\d+)\.(\d+)\.conv_out\.conv_point\.{_B}", r"stages.\1.blocks.\2.mlp.point.\3"),
-    (rf"down_blocks\.(\d+)\.(\d+)\.conv_out\.norm\.{_B}", r"stages.\1.blocks.\2.mlp.norm.\3"),
-    (rf"down_blocks\.(\d+)\.(\d+)\.conv\.{_B}", r"stages.\1.down.conv.\3"),
-    (rf"conv_out\.{_B}", r"project_out.\1"),
+# DC-AE: our names | diffusers AutoencoderDC | MIT efficientvit DCAE (`main.` only where a shortcut wraps the op).
+_B, _D, _M = "stages.{s}.blocks.{i}.", "down_blocks.{s}.{i}.", "stages.{s}.op_list.{i}."
+DC_KEYS = [
+    ("project_in.conv.{p}",      "conv_in.conv.{p}",                "project_in.conv.conv.{p}"),
+    ("project_in.{p}",           "conv_in.{p}",                     "project_in.conv.{p}"),
+    (_B + "conv1.{p}",           _D + "conv1.{p}",                  _M + "main.conv1.conv.{p}"),
+    (_B + "conv2.{p}",           _D + "conv2.{p}",                  _M + "main.conv2.conv.{p}"),
+    (_B + "norm.{p}",            _D + "norm.{p}",                   _M + "main.conv2.norm.{p}"),
+    (_B + "attn.qkv.weight#0",   _D + "attn.to_q.weight",           None),
+    (_B + "attn.qkv.weight#1",   _D + "attn.to_k.weight",           None),
+    (_B + "attn.qkv.weight#2",   _D + "attn.to_v.weight",           None),
+    (_B + "attn.qkv.weight",     None,                              _M + "context_module.main.qkv.conv.weight"),
+    (_B + "attn.proj.weight",    _D + "attn.to_out.weight",         _M + "context_module.main.proj.conv.weight"),
+    (_B + "attn.norm.{p}",       _D + "attn.norm_out.{p}",          _M + "context_module.main.proj.norm.{p}"),
+    (_B + "mlp.inverted.{p}",    _D + "conv_out.conv_inverted.{p}", _M + "local_module.main.inverted_conv.conv.{p}"),
+    (_B + "mlp.depthwise.{p}",   _D + "conv_out.conv_depth.{p}",    _M + "local_module.main.depth_conv.conv.{p}"),
+    (_B + "mlp.point.{p}",       _D + "conv_out.conv_point.{p}",    _M + "local_module.main.point_conv.conv.{p}"),
+    (_B + "mlp.norm.{p}",        _D + "conv_out.norm.{p}",          _M + "local_module.main.point_conv.norm.{p}"),
+    ("stages.{s}.down.conv.{p}", _D + "conv.{p}",                   (_M + "main.conv.conv.{p}", _M + "conv.conv.{p}")),
+    ("project_out.{p}",          "conv_out.{p}",                    ("project_out.main.op_list.0.conv.{p}",
+                                                                     "project_out.op_list.0.conv.{p}")),
 ]
 
-_OP = r"stages\.(\d+)\.op_list\.(\d+)"
-DC_MIT = [
-    (rf"project_in\.conv\.conv\.{_B}", r"project_in.conv.\1"),
-    (rf"project_in\.conv\.{_B}", r"project_in.\1"),
-    (rf"{_OP}\.main\.(conv1|conv2)\.conv\.{_B}", r"stages.\1.blocks.\2.\3.\4"),
-    (rf"{_OP}\.main\.conv2\.norm\.{_B}", r"stages.\1.blocks.\2.norm.\3"),
-    (rf"{_OP}\.context_module\.main\.qkv\.conv\.weight", r"stages.\1.blocks.\2.attn.qkv.weight"),
-    (rf"{_OP}\.context_module\.main\.proj\.conv\.weight", r"stages.\1.blocks.\2.attn.proj.weight"),
-    (rf"{_OP}\.context_module\.main\.proj\.norm\.{_B}", r"stages.\1.blocks.\2.attn.norm.\3"),
-    (rf"{_OP}\.local_module\.main\.inverted_conv\.conv\.{_B}", r"stages.\1.blocks.\2.mlp.inverted.\3"),
-    (rf"{_OP}\.local_module\.main\.depth_conv\.conv\.{_B}", r"stages.\1.blocks.\2.mlp.depthwise.\3"),
-    (rf"{_OP}\.local_module\.main\.point_conv\.conv\.{_B}", r"stages.\1.blocks.\2.mlp.point.\3"),
-    (rf"{_OP}\.local_module\.main\.point_conv\.norm\.{_B}", r"stages.\1.blocks.\2.mlp.norm.\3"),
-    (rf"{_OP}\.(?:main\.)?conv\.conv\.{_B}", r"stages.\1.down.conv.\3"),  # ConvPixelUnshuffle (+ shortcut)
-    (rf"project_out\.(?:main\.)?op_list\.0\.conv\.{_B}", r"project_out.\1"),
+# KL-f8: our names | diffusers AutoencoderKL (`to_q`... since diffusers 0.14, `query`... before) | LDM / SD.
+_DR, _LR, _A = "down_blocks.{s}.resnets.{i}.", "down.{s}.block.{i}.", "mid_block.attentions.0."
+KL_KEYS = [
+    ("conv_in.{p}",              "conv_in.{p}",                             "conv_in.{p}"),
+    (_B + "{r}.{p}",             _DR + "{r}.{p}",                           _LR + "{r}.{p}"),
+    (_B + "skip.{p}",            _DR + "conv_shortcut.{p}",                 _LR + "nin_shortcut.{p}"),
+    ("stages.{s}.down.conv.{p}", "down_blocks.{s}.downsamplers.0.conv.{p}", "down.{s}.downsample.conv.{p}"),
+    ("mid.block1.{r}.{p}",       "mid_block.resnets.0.{r}.{p}",             "mid.block_1.{r}.{p}"),
+    ("mid.block2.{r}.{p}",       "mid_block.resnets.1.{r}.{p}",             "mid.block_2.{r}.{p}"),
+    ("mid.attn.norm.{p}",        _A + "group_norm.{p}",                     "mid.attn_1.norm.{p}"),
+    ("mid.attn.qkv.{p}#0",       (_A + "to_q.{p}", _A + "query.{p}"),       "mid.attn_1.q.{p}"),
+    ("mid.attn.qkv.{p}#1",       (_A + "to_k.{p}", _A + "key.{p}"),         "mid.attn_1.k.{p}"),
+    ("mid.attn.qkv.{p}#2",       (_A + "to_v.{p}", _A + "value.{p}"),       "mid.attn_1.v.{p}"),
+    ("mid.attn.proj.{p}",        (_A + "to_out.0.{p}", _A + "proj_attn.{p}"), "mid.attn_1.proj_out.{p}"),
+    ("norm_out.{p}",             "conv_norm_out.{p}",                       "norm_out.{p}"),
+    ("conv_out.{p}",             "conv_out.{p}",                            "conv_out.{p}"),
+    ("quant_conv.{p}",           "quant_conv.{p}",                          "quant_conv.{p}"),
 ]
 
-_RES = r"(norm1|conv1|norm2|conv2)"
-_ATTN = r"mid_block\.attentions\.0"
-KL_DIFFUSERS = [
-    (rf"conv_in\.{_B}", r"conv_in.\1"),
-    (rf"down_blocks\.(\d+)\.resnets\.(\d+)\.{_RES}\.{_B}", r"levels.\1.blocks.\2.\3.\4"),
-    (rf"down_blocks\.(\d+)\.resnets\.(\d+)\.conv_shortcut\.{_B}", r"levels.\1.blocks.\2.skip.\3"),
-    (rf"down_blocks\.(\d+)\.downsamplers\.0\.conv\.{_B}", r"levels.\1.down.conv.\2"),
-    (rf"mid_block\.resnets\.0\.{_RES}\.{_B}", r"mid.block1.\1.\2"),
-    (rf"mid_block\.resnets\.1\.{_RES}\.{_B}", r"mid.block2.\1.\2"),
-    (rf"{_ATTN}\.group_norm\.{_B}", r"mid.attn.norm.\1"),
-    (rf"{_ATTN}\.(?:to_q|query)\.{_B}", r"mid.attn.qkv.\1#0"),  # query/key/value/proj_attn: pre-0.14 diffusers
-    (rf"{_ATTN}\.(?:to_k|key)\.{_B}", r"mid.attn.qkv.\1#1"),
-    (rf"{_ATTN}\.(?:to_v|value)\.{_B}", r"mid.attn.qkv.\1#2"),
-    (rf"{_ATTN}\.(?:to_out\.0|proj_attn)\.{_B}", r"mid.attn.proj.\1"),
-    (rf"conv_norm_out\.{_B}", r"norm_out.\1"),
-    (rf"conv_out\.{_B}", r"conv_out.\1"),
-    (rf"quant_conv\.{_B}", r"quant_conv.\1"),
-]
 
-KL_LDM = [
-    (rf"conv_in\.{_B}", r"conv_in.\1"),
-    (rf"down\.(\d+)\.block\.(\d+)\.{_RES}\.{_B}", r"levels.\1.blocks.\2.\3.\4"),
-    (rf"down\.(\d+)\.block\.(\d+)\.nin_shortcut\.{_B}", r"levels.\1.blocks.\2.skip.\3"),
-    (rf"down\.(\d+)\.downsample\.conv\.{_B}", r"levels.\1.down.conv.\2"),
-    (rf"mid\.block_1\.{_RES}\.{_B}", r"mid.block1.\1.\2"),
-    (rf"mid\.block_2\.{_RES}\.{_B}", r"mid.block2.\1.\2"),
-    (rf"mid\.attn_1\.norm\.{_B}", r"mid.attn.norm.\1"),
-    (rf"mid\.attn_1\.q\.{_B}", r"mid.attn.qkv.\1#0"),
-    (rf"mid\.attn_1\.k\.{_B}", r"mid.attn.qkv.\1#1"),
-    (rf"mid\.attn_1\.v\.{_B}", r"mid.attn.qkv.\1#2"),
-    (rf"mid\.attn_1\.proj_out\.{_B}", r"mid.attn.proj.\1"),
-    (rf"norm_out\.{_B}", r"norm_out.\1"),
-    (rf"conv_out\.{_B}", r"conv_out.\1"),
-    (rf"quant_conv\.{_B}", r"quant_conv.\1"),
-]
+def _pattern(name: str) -> re.Pattern:
+    """A key-name template as a regex: each `{x}` becomes the named group x matching `_FIELDS[x]`, the rest literal."""
+    return re.compile(re.sub(r"\\\{(\w)\\\}", lambda m: f"(?P<{m[1]}>{_FIELDS[m[1]]})", re.escape(name)))
+
+
+def _rules(table: list[tuple], column: int) -> list[tuple[re.Pattern, str]]:
+    """The (regex, replacement) rules of one checkpoint format: its names in `column` of `table`, ours in column 0."""
+    rules = []
+    for ours, *theirs in table:
+        names = theirs[column - 1]
+        if isinstance(names, str):
+            names = (names,)
+        for name in names or ():
+            rules.append((_pattern(name), re.sub(r"\{(\w)\}", r"\\g<\1>", ours)))
+    return rules
+
+
+DC_DIFFUSERS, DC_MIT = _rules(DC_KEYS, 1), _rules(DC_KEYS, 2)
+KL_DIFFUSERS, KL_LDM = _rules(KL_KEYS, 1), _rules(KL_KEYS, 2)
 
 
 def _apply_rules(state: dict[str, torch.Tensor], rules) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -156,7 +151,7 @@ def _apply_rules(state: dict[str, torch.Tensor], rules) -> tuple[dict[str, torch
     out, parts, unmatched = {}, {}, []
     for key, value in state.items():
         for pattern, replacement in rules:
-            m = re.fullmatch(pattern, key)
+            m = pattern.fullmatch(key)
             if m:
                 new = m.expand(replacement)
                 if "#" in new:
@@ -206,7 +201,7 @@ def convert_state_dict(encoder: nn.Module, state: dict[str, torch.Tensor]) -> tu
         return sub, [], "unknown"
     if isinstance(encoder, KLEncoder):
         sub = _strip(state, keep_top=("quant_conv.",))
-        if any(k.startswith("levels.") for k in sub):
+        if any(k.startswith("stages.") for k in sub):
             return sub, [], "dcssdae"
         if any(k.startswith("down_blocks.") for k in sub):
             return (*_apply_rules(sub, KL_DIFFUSERS), "diffusers")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dcssdae.encoder import ENCODERS, LiteMLA, Posterior, build_encoder
-from dcssdae.encoder_weights import LOGVAR_FILL, load_encoder_weights
+from dcssdae.encoder_weights import DC_KEYS, KL_KEYS, LOGVAR_FILL, _pattern, load_encoder_weights
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -290,8 +290,19 @@ def test_deterministic_checkpoint_into_gaussian_encoder(diffusers_dc):
     assert torch.equal(posterior.logvar, torch.full_like(posterior.logvar, LOGVAR_FILL))
 
 
-def test_diffusers_kl_parity(diffusers_kl):
+@pytest.mark.parametrize("legacy", [False, True])  # True: diffusers < 0.14 attention names (query, ..., proj_attn)
+def test_diffusers_kl_parity(diffusers_kl, tmp_path, legacy):
+    from safetensors.torch import load_file, save_file
+
     model, folder = diffusers_kl
+    if legacy:
+        renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+        state = load_file(folder / "diffusion_pytorch_model.safetensors")
+        state = {re.sub(r"\.(to_q|to_k|to_v|to_out\.0)\.", lambda m: f".{renames[m[1]]}.", k): v
+                 for k, v in state.items()}
+        assert "encoder.mid_block.attentions.0.proj_attn.weight" in state
+        save_file(state, tmp_path / "vae.safetensors")
+        folder = tmp_path / "vae.safetensors"
     encoder = build_encoder("tiny-vq_f8c4", pretrained=str(folder), channel_mult=(1, 2, 2, 2)).eval()
     x = torch.randn(2, 3, 32, 40)
     with torch.no_grad():
@@ -299,6 +310,25 @@ def test_diffusers_kl_parity(diffusers_kl):
         posterior = encoder(x)
     assert (posterior.mean - ref.mean).abs().max() < 1e-4
     assert (posterior.logvar - ref.logvar).abs().max() < 1e-4
+
+
+# dc-ae-f32c32-in-1.0 twice: DC-AE 1.0 (stage 0 empty, project_in downsamples) and with a stage-0 block (plain conv).
+@pytest.mark.parametrize("table, name, overrides", [
+    (DC_KEYS, "dc-ae-f32c32-in-1.0", [{}, {"depths": (1, 4, 8, 2, 2, 2)}]),
+    (KL_KEYS, "vq_f8c4", [{}]),
+], ids=["dc", "kl"])
+def test_key_tables_cover_the_full_size_encoders(table, name, overrides):
+    """Every row of a key table names a tensor of ours, and each format maps onto every tensor (this also checks the
+    targets of rows the tiny parity configurations never reach)."""
+    targets = [_pattern(ours.split("#")[0]) for ours, *_ in table]
+    with torch.device("meta"):
+        key_sets = [set(build_encoder(name, **o).state_dict()) for o in overrides]
+    for row, target in zip(table, targets):
+        assert any(target.fullmatch(k) for keys in key_sets for k in keys), f"{row[0]} names no tensor of {name}"
+    for keys in key_sets:
+        for column in (1, 2):
+            covered = {k for row, target in zip(table, targets) if row[column] for k in keys if target.fullmatch(k)}
+            assert covered == keys, f"format column {column} misses {sorted(keys - covered)[:5]}"
 
 
 def _diffusers_dc_to_mit(state):
