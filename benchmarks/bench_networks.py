@@ -1,52 +1,86 @@
-"""Network speed and memory: our encoder/decoder next to diffusers' DC-AE and SD-VAE, in one process.
+"""Autoencoder speed and memory: DC-SSDAE next to diffusers' DC-AE and SD-VAE, in one process, as ratios.
 
-Ours: the `dc-ae-f32c32-in-1.0` encoder (dcssdae.encoder) and the SSDD U-ViT decoder (default S, one decoder
-evaluation = one NFE, EqM: no time input). References: diffusers `AutoencoderDC` with the dc-ae-f32c32-in-1.0
-config, and `AutoencoderKL` with the SD-VAE f8c4 config (block_out_channels 128-256-512-512, 2 layers per
-block, 4 latent channels). All weights are random (speed and memory do not depend on them).
+Ours: DC-SSDAE as phase 1 trains it (configs/base.yaml): the `dc-ae-f32c32-in-1.0` encoder with a Gaussian
+posterior (`double_latent`), the SSDD U-ViT decoder (default S) and Equilibrium Matching (linear decay).
+References: diffusers `AutoencoderDC` with the dc-ae-f32c32-in-1.0 config, and `AutoencoderKL` with the SD-VAE
+f8c4 config (block_out_channels 128-256-512-512, 2 layers per block, 4 latent channels). All weights are random
+(speed and memory do not depend on them).
 
-Reported per model and resolution: images/s = batch / fastest call, the calls of all models being timed in
-interleaved rounds (after warm-up) so that a machine load that drifts during the run hits every model alike;
-ratios of images/s against the two references (>1: faster); and the peak working memory of one call, i.e. the
-peak above what was allocated before the call (weights and inputs excluded):
+Parts (`--parts`), per model and image side:
+  * encoder: image -> latent (ours and SD-VAE: the posterior mean).
+  * decoder: latent -> image. Ours runs the real sampler (`dcssdae.sampling.sample`, EqM gradient descent with
+    eta = 1 / c(0), the decoding path of `DCSSDAE.decode`) for each N of `--steps`: one row per N, N decoder
+    evaluations (NFE). The references decode in one call; every N-NFE row is compared with that call.
+    `enc+dec` rows combine the two (1 / images/s added).
+  * train: one training step of the whole autoencoder in train mode: forward, backward and an AdamW step (lr 1e-4,
+    weight decay 1e-3, as configs/base.yaml), under autocast with --dtype bf16. Ours: encoder -> posterior sample
+    -> EqM corruption (gamma ~ U[0, 1), x_gamma, target f*) -> decoder -> EqM MSE + 1e-6 KL (dcssdae.losses
+    weights). DC-AE: encode -> decode, MSE reconstruction. SD-VAE: encode -> posterior sample -> decode, MSE +
+    1e-6 KL. Frozen perceptual nets are left out of all three: LPIPS and the REPA DINOv2 need pretrained weights,
+    and a frozen net adds the same cost to every model (it would only pull the ratios towards 1); the
+    autoencoders' own GAN/perceptual terms differ per recipe and are not compared here.
+With --compile, each model's networks (encoder, decoder) are compiled with torch.compile(dynamic=False); the
+sampler loop, the losses and the optimiser step stay eager. A network that fails to compile is reported and runs
+eagerly from then on (the row's `compiled` field says which way it was timed).
+
+Reported: images/s = batch / fastest call, the calls of all models being timed in interleaved rounds (after
+warm-up) so that a machine load that drifts during the run hits every model alike (inference and training rounds
+are separate passes, models in eval and in train mode); ratios against the two references (>1: faster, or more
+memory); and the peak working memory of one call, i.e. the peak above what was allocated before the call
+(weights, AdamW moments and inputs excluded; gradients included, they are freed after each step):
   * CUDA: torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated() before the call.
   * CPU: peak resident set size (/proc/self/statm, sampled every 0.5 ms by a thread) minus the RSS before the
     call, with glibc told to serve every allocation above 64 KiB by mmap (mallopt), so freed tensors go back
     to the OS and the RSS follows the live tensors. Approximate (sampling can miss a short peak).
-The attention-bias size of the decoder's middle transformer (sdpa backend) is printed under the table.
+A call that runs out of GPU memory is reported as OOM and dropped. `--json PATH` writes every row (and the
+settings) as JSON, atomically: speed in images/s, mem in bytes, params_m in millions, speed_x_<ref> and
+mem_x_<ref> the ratios (null where a reference is missing), loss the training loss of the memory call.
+The attention-bias size of the decoder's middle transformer (sdpa backend) is printed last.
 
-    python benchmarks/bench_networks.py                                  # CPU, 256 px, batch 1, light
+    python benchmarks/bench_networks.py --threads 1                      # CPU, 256 px, batch 1 (~3.5 min)
     python benchmarks/bench_networks.py --device cuda --dtype bf16 --batch 16 --sizes 256 512 --compile
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import json
+import math
 import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-from dcssdae.decoder import build_decoder
-from dcssdae.encoder import build_encoder
+from dcssdae.autoencoder import DCSSDAE
+from dcssdae.encoder import Posterior
+from dcssdae.losses import LossWeights, kl_loss
+from dcssdae.sampling import sample
+
+REFERENCES = ("dc-ae", "sd-vae")
+PARTS = ("encoder", "decoder", "train")
 
 # ----------------------------------------------------------------------------------------------------
-# Reference autoencoders (diffusers), configured as in /work/shared/notes/environment.md section 4.
+# Reference autoencoders (diffusers), configured as in /work/shared/notes/environment.md section 4; `tiny`
+# shrinks them for tests only.
 
 
-def diffusers_dc_ae_f32c32():
+def diffusers_dc_ae_f32c32(tiny: bool = False):
     from diffusers import AutoencoderDC
 
     blocks = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
+    widths = (16, 16, 32, 32, 32, 32) if tiny else (128, 256, 512, 512, 1024, 1024)
     return AutoencoderDC(
-        in_channels=3, latent_channels=32, attention_head_dim=32,
+        in_channels=3, latent_channels=8 if tiny else 32, attention_head_dim=8 if tiny else 32,
         encoder_block_types=blocks, decoder_block_types=blocks,
-        encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
-        decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
-        encoder_layers_per_block=(0, 4, 8, 2, 2, 2), decoder_layers_per_block=(0, 5, 10, 2, 2, 2),
+        encoder_block_out_channels=widths, decoder_block_out_channels=widths,
+        encoder_layers_per_block=(0, 1, 1, 1, 1, 1) if tiny else (0, 4, 8, 2, 2, 2),
+        decoder_layers_per_block=(0, 1, 1, 1, 1, 1) if tiny else (0, 5, 10, 2, 2, 2),
         encoder_qkv_multiscales=((),) * 6, decoder_qkv_multiscales=((),) * 6,
         decoder_norm_types=("batch_norm",) * 3 + ("rms_norm",) * 3,
         decoder_act_fns=("relu",) * 3 + ("silu",) * 3,
@@ -54,14 +88,151 @@ def diffusers_dc_ae_f32c32():
     )  # fmt: skip
 
 
-def diffusers_sd_vae_f8c4():
+def diffusers_sd_vae_f8c4(tiny: bool = False):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1 if tiny else 2,
+        norm_num_groups=8 if tiny else 32, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 32, 32) if tiny else (128, 256, 512, 512),
     )  # fmt: skip
+
+
+class _KLEncode(torch.nn.Module):
+    """SD-VAE encode: encoder + quant_conv -> posterior parameters (mean, logvar) stacked on channels."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
+
+    def forward(self, x):
+        return self.quant_conv(self.encoder(x))
+
+
+class _KLDecode(torch.nn.Module):
+    """SD-VAE decode: post_quant_conv + decoder."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.post_quant_conv, self.decoder = vae.post_quant_conv, vae.decoder
+
+    def forward(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+
+class _Moments(torch.nn.Module):
+    """Our encoder returning plain tensors (mean, logvar), so that torch.compile sees no Posterior object."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x):
+        posterior = self.encoder(x)
+        return posterior.mean, posterior.logvar
+
+
+# ----------------------------------------------------------------------------------------------------
+# The three autoencoders behind one interface: encode, decode with N evaluations, training loss. `enc` and
+# `dec` are the networks the calls go through: eager, or compiled by `compile()`.
+
+
+class Benchmarked:
+    key: str
+    label: str
+
+    def __init__(
+        self, net: torch.nn.Module, enc: torch.nn.Module, dec: torch.nn.Module, factor: int, channels: int
+    ):
+        self.net, self.factor, self.channels = net, factor, channels  # net: every weight of the autoencoder
+        self.eager = (enc, dec)
+        self.enc, self.dec = enc, dec
+        self.compiled = False
+        self.weights = LossWeights()
+
+    def compile(self) -> None:
+        self.enc, self.dec = (torch.compile(m, dynamic=False) for m in self.eager)
+        self.compiled = True
+
+    def uncompile(self) -> None:
+        self.enc, self.dec = self.eager
+        self.compiled = False
+
+    def params(self, part: str) -> float:
+        """Parameters (millions) of the networks a part runs."""
+        modules = {"encoder": [self.eager[0]], "decoder": [self.eager[1]], "train": list(self.eager)}[part]
+        return sum(p.numel() for m in modules for p in m.parameters()) / 1e6
+
+
+class Ours(Benchmarked):
+    key = "ours"
+
+    def __init__(self, encoder: str, decoder: str, attention_backend: str):
+        self.ae = DCSSDAE(encoder, decoder, encoder_overrides={"double_latent": True},
+                          decoder_overrides={"attention_backend": attention_backend})  # fmt: skip
+        self.label = f"DC-SSDAE {encoder} + UViT-{decoder}"
+        super().__init__(self.ae, _Moments(self.ae.encoder), self.ae.decoder, self.ae.downsample_factor,
+                         self.ae.latent_channels)  # fmt: skip
+
+    def encode(self, x):
+        z = Posterior(*self.enc(x)).mode()
+        return (z - self.ae.latent_shift) * self.ae.latent_scale  # as DCSSDAE.encode
+
+    def decode(self, z, noise, nfe):
+        z = z / self.ae.latent_scale + self.ae.latent_shift  # as DCSSDAE.decode
+        settings = self.ae.sampler_settings(steps=nfe, method="gd")  # eta = 1 / c(0) of this corruption
+        return sample(self.dec, noise, settings.pop("method"), context=(z,), **settings)[0]
+
+    def loss(self, x):
+        corruption = self.ae.corruption  # EqM, as dcssdae.system.DCSSDAESystem.training_step uses it
+        posterior = Posterior(*self.enc(x))  # q(z | x)
+        z = posterior.sample()
+        noise = torch.randn_like(x)
+        level = corruption.sample_level(x)  # gamma ~ U[0, 1)
+        x_t = corruption.corrupt(x, noise, level)
+        pred = self.dec(x_t, z, corruption.decoder_time(level))
+        target = corruption.target(x, noise, level)
+        return self.weights.total(
+            {corruption.name: corruption.loss(pred, target).mean(), "kl": kl_loss(posterior)}
+        )
+
+
+class DCAE(Benchmarked):
+    key = "dc-ae"
+
+    def __init__(self, tiny: bool):
+        vae = diffusers_dc_ae_f32c32(tiny)
+        self.label = "diffusers AutoencoderDC f32c32-in" + (" (tiny)" if tiny else "")
+        super().__init__(vae, vae.encoder, vae.decoder, 32, vae.config.latent_channels)
+
+    def encode(self, x):
+        return self.enc(x)
+
+    def decode(self, z, noise, nfe):
+        return self.dec(z)
+
+    def loss(self, x):
+        return F.mse_loss(self.dec(self.enc(x)).float(), x)
+
+
+class SDVAE(Benchmarked):
+    key = "sd-vae"
+
+    def __init__(self, tiny: bool):
+        vae = diffusers_sd_vae_f8c4(tiny)
+        self.label = "diffusers AutoencoderKL f8c4" + (" (tiny)" if tiny else "")
+        super().__init__(vae, _KLEncode(vae), _KLDecode(vae), 8, 4)
+
+    def encode(self, x):
+        return Posterior(*self.enc(x).chunk(2, dim=1)).mode()
+
+    def decode(self, z, noise, nfe):
+        return self.dec(z)
+
+    def loss(self, x):
+        posterior = Posterior(*self.enc(x).chunk(2, dim=1))
+        x_hat = self.dec(posterior.sample())
+        return F.mse_loss(x_hat.float(), x) + self.weights.kl * kl_loss(posterior)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -125,6 +296,176 @@ def time_interleaved(calls: list[Callable[[], object]], iters: int, device: torc
     return best
 
 
+@dataclass
+class Entry:
+    """One timed call: a model's part at one image side (nfe: decoder evaluations of ours, else None)."""
+
+    side: int
+    part: str
+    nfe: int | None
+    model: Benchmarked
+    call: Callable[[], object]
+    row: dict = field(default_factory=dict)
+
+
+def inference_call(model: Benchmarked, part: str, nfe: int | None, x, z, noise, autocast) -> Callable:
+    def call():
+        with torch.inference_mode(), autocast():
+            return model.encode(x) if part == "encoder" else model.decode(z, noise, nfe)
+
+    return call
+
+
+def train_call(model: Benchmarked, optimizer: torch.optim.Optimizer, x, autocast) -> Callable:
+    """forward + backward + AdamW step; gradients are freed after the step (set_to_none), so that the memory
+    before the next call holds weights and AdamW moments only."""
+
+    def call():
+        with autocast():
+            loss = model.loss(x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return call
+
+
+def make_optimizer(model: Benchmarked) -> torch.optim.Optimizer:
+    """AdamW of configs/base.yaml, its moments allocated now (one step with zero gradients leaves the weights
+    as they are but for the decay lr * wd), so that no measured call pays for their allocation."""
+    params = [p for p in model.net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-3, betas=(0.9, 0.999))
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def first_calls(entry: Entry, warmup: int, device: torch.device) -> tuple[object, int] | None:
+    """Warm-up calls, then one call under PeakMemory. A compiled model that fails here goes eager (with a printed
+    message) and is measured again; out of memory returns None."""
+    for attempt in range(2):
+        try:
+            for _ in range(warmup):
+                entry.call()
+            with PeakMemory(device) as mem:
+                out = entry.call()
+            return out, mem.peak
+        except Exception as err:  # any compiler error falls back to eager; OOM is reported
+            if _is_oom(err):
+                print(f"  OOM: {entry.side} px {entry.part} {entry.model.label}")
+                return None
+            if not entry.model.compiled or attempt:
+                raise
+            print(f"  torch.compile failed for {entry.model.label} ({entry.side} px {entry.part}): "
+                  f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; running it eagerly")  # fmt: skip
+            entry.model.uncompile()
+        finally:
+            for p in entry.model.net.parameters():  # a failed training step leaves gradients behind
+                p.grad = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return None
+
+
+def measure(entries: list[Entry], warmup: int, iters: int, batch: int, device: torch.device) -> None:
+    """Fill each entry's row: memory of one call after warm-up, then images/s of the fastest interleaved call."""
+    kept = []
+    for e in entries:
+        result = first_calls(e, warmup, device)
+        nfe = f" {e.nfe} NFE" if e.nfe else ""
+        if result is None:
+            e.row.update(speed=None, mem=None, error="OOM")
+            continue
+        out, peak = result
+        e.row.update(mem=peak, error=None)
+        if e.part == "train":
+            e.row["loss"] = float(out)
+        print(f"  warm {e.side} px {e.part}{nfe} {e.model.label}: {peak / 2**20:.0f} MiB", flush=True)
+        kept.append(e)
+    for e, seconds in zip(kept, time_interleaved([e.call for e in kept], iters, device), strict=True):
+        e.row.update(speed=batch / seconds, compiled=e.model.compiled)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report: table, ratios, JSON.
+
+
+def _row(side, part, nfe, model: Benchmarked | None, key, label, params) -> dict:
+    return {"side": side, "part": part, "nfe": nfe, "key": key, "label": label, "params_m": params,
+            "speed": None, "mem": None, "compiled": bool(model and model.compiled), "error": None}  # fmt: skip
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """speed_x_<ref> = images/s / the reference's (>1: faster), mem_x_<ref> = memory / the reference's, for the
+    same side and part (a reference decodes in one call: every N-NFE row of ours compares with it)."""
+    for r in rows:
+        for ref in REFERENCES:
+            match = [m for m in rows if (m["side"], m["part"], m["key"]) == (r["side"], r["part"], ref)]
+            for fld in ("speed", "mem"):
+                mine, theirs = r[fld], match[0][fld] if match else None
+                ok = mine is not None and theirs  # None, or 0 bytes (CPU RSS of a tiny model)
+                r[f"{fld}_x_{ref.replace('-', '_')}"] = mine / theirs if ok else None
+
+
+def combined_rows(rows: list[dict], sides: list[int], keys: list[str]) -> list[dict]:
+    """enc+dec = encode then decode (1 / images/s added, memory the larger), per NFE of ours."""
+    out = []
+    for side in sides:
+        for key in keys:
+            enc = [r for r in rows if (r["side"], r["key"], r["part"]) == (side, key, "encoder")]
+            for dec in [r for r in rows if (r["side"], r["key"], r["part"]) == (side, key, "decoder")]:
+                if not enc:
+                    continue
+                e = enc[0]
+                row = _row(
+                    side, "enc+dec", dec["nfe"], None, key, e["label"], e["params_m"] + dec["params_m"]
+                )
+                if e["speed"] and dec["speed"]:
+                    row.update(speed=1 / (1 / e["speed"] + 1 / dec["speed"]), mem=max(e["mem"], dec["mem"]))
+                else:
+                    row["error"] = e["error"] or dec["error"]
+                row["compiled"] = e["compiled"] and dec["compiled"]
+                out.append(row)
+    return out
+
+
+def _fmt(v, spec: str, width: int) -> str:
+    return (
+        f"{'-':>{width}}" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:>{width}{spec}}"
+    )
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'px':>4} {'part':<16} {'model':<56} {'params M':>9} {'img/s':>9} {'x dc-ae':>8} {'x sd-vae':>9} "
+            f"{'mem MiB':>9} {'mem/dc-ae':>9} {'mem/sd-vae':>10}")  # fmt: skip
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        part = r["part"] + (f" {r['nfe']} NFE" if r["nfe"] else "")
+        mib = None if r["mem"] is None else r["mem"] / 2**20
+        speed = r["error"] if r["speed"] is None and r["error"] else _fmt(r["speed"], ".3f", 9)
+        print(f"{r['side']:>4} {part:<16} {r['label']:<56} {r['params_m']:>9.2f} {speed:>9} "
+              f"{_fmt(r['speed_x_dc_ae'], '.2f', 8)} {_fmt(r['speed_x_sd_vae'], '.2f', 9)} {_fmt(mib, '.0f', 9)} "
+              f"{_fmt(r['mem_x_dc_ae'], '.2f', 9)} {_fmt(r['mem_x_sd_vae'], '.2f', 10)}")  # fmt: skip
+
+
+def write_json(path: str, meta: dict, rows: list[dict]) -> None:
+    """Atomically: a temporary file beside `path`, then os.replace."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"settings": meta, "rows": rows}, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def print_attention_bias(decoder, sides: list[int], batch: int, dtype: torch.dtype, backend: str) -> None:
     """Size of the window bias of the middle transformer: (1, heads, N, N) per block, shared by the batch."""
     heads, depth, nbytes, mib = decoder.mid_heads, decoder.mid_depth, torch.finfo(dtype).bits // 8, 2**20
@@ -144,134 +485,140 @@ def print_attention_bias(decoder, sides: list[int], batch: int, dtype: torch.dty
 # Main.
 
 
-def main(argv: list[str] | None = None) -> None:
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
-    )
+    cuda = torch.cuda.is_available()
+    p.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = torch.autocast")
-    p.add_argument("--batch", type=int, default=None, help="default 1 on CPU, 16 on CUDA")
+    p.add_argument("--batch", type=_positive, default=None, help="default 1 on CPU, 16 on CUDA")
     p.add_argument(
-        "--sizes", type=int, nargs="+", default=None, help="image sides; default 256 (CPU), 256 512"
+        "--sizes", type=_positive, nargs="+", default=None, help="image sides; default 256 (CPU), 256 512"
     )
-    p.add_argument("--iters", type=int, default=None, help="timed rounds; default 3 on CPU, 20 on CUDA")
     p.add_argument(
-        "--warmup", type=int, default=None, help="untimed calls first; default 1 on CPU, 5 on CUDA"
+        "--steps", type=_positive, nargs="+", default=[1, 8], help="NFE of our decoder rows (EqM GD)"
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile every model call")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to measure")
+    p.add_argument("--references", default="full", choices=["full", "tiny", "none"],
+                   help="diffusers reference models; tiny: small configs, for tests only")  # fmt: skip
+    p.add_argument("--iters", type=_positive, default=None, help="timed rounds; default 1 on CPU, 10 on CUDA")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls before the memory call; default 0 on CPU (1 with --compile), 3 on CUDA")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="torch.compile every model's encoder and decoder")
     p.add_argument("--encoder", default="dc-ae-f32c32-in-1.0")
     p.add_argument("--decoder", default="S")
     p.add_argument("--attention-backend", default="sdpa", choices=["sdpa", "flex"])
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=_positive, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON here")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not cuda:
+        p.error("--device cuda: no CUDA device is available")
+    cpu = args.device == "cpu"
+    args.batch = args.batch or (1 if cpu else 16)
+    args.sizes = args.sizes or ([256] if cpu else [256, 512])
+    args.iters = args.iters or (1 if cpu else 10)
+    if args.warmup is None:
+        args.warmup = (1 if args.compile else 0) if cpu else 3
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    args.steps = sorted(set(args.steps))
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; returns {"settings": ..., "rows": [...]} (what --json writes)."""
+    args = parse_args(argv)
     device = torch.device(args.device)
     cpu = device.type == "cpu"
-    batch = args.batch or (1 if cpu else 16)
-    sizes = args.sizes or ([256] if cpu else [256, 512])
-    iters = args.iters or (3 if cpu else 20)
-    warmup = args.warmup if args.warmup is not None else (1 if cpu else 5)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    fp32 = dtype == torch.float32
     if args.threads:
         torch.set_num_threads(args.threads)
     if cpu:  # every allocation above 64 KiB by mmap, so that the RSS follows live tensors
         ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    if args.compile:  # one graph per (side, part, grad mode): more than dynamo's default of 8 per function
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 64)
+
+    def autocast():
+        return torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     torch.manual_seed(0)
-    encoder = build_encoder(args.encoder).eval().to(device)
-    latent_channels = encoder.latent_channels
-    decoder = build_decoder(args.decoder, latent_channels, attention_backend=args.attention_backend)
-    decoder = decoder.eval().to(device)
-    models = [
-        ("ours", f"{args.encoder} + UViT-{args.decoder} (1 NFE)", encoder, decoder, encoder.downsample_factor)
-    ]
+    models: list[Benchmarked] = [Ours(args.encoder, args.decoder, args.attention_backend)]
+    if args.references != "none":
+        try:
+            models += [DCAE(args.references == "tiny"), SDVAE(args.references == "tiny")]
+        except ImportError as err:
+            print(f"diffusers is not installed ({err}): reference rows skipped")
+    for m in models:
+        m.net.to(device).eval()
+        if args.compile:
+            m.compile()
+    optimizers = {m.key: make_optimizer(m) for m in models} if "train" in args.parts else {}
+
+    inference, training = [], []
+    for side in args.sizes:
+        x = torch.rand(args.batch, 3, side, side, device=device) * 2 - 1  # images in [-1, 1]
+        noise = torch.randn_like(x)
+        for m in models:
+            if side % m.factor:
+                raise ValueError(
+                    f"image side {side} is not a multiple of {m.label}'s downsampling factor {m.factor}"
+                )
+            z = torch.randn(args.batch, m.channels, side // m.factor, side // m.factor, device=device)
+            if "encoder" in args.parts:
+                inference.append(Entry(side, "encoder", None, m, inference_call(m, "encoder", None, x, z, noise,
+                                                                                 autocast)))  # fmt: skip
+            if "decoder" in args.parts:
+                for nfe in args.steps if m.key == "ours" else [None]:
+                    inference.append(Entry(side, "decoder", nfe, m, inference_call(m, "decoder", nfe, x, z, noise,
+                                                                                     autocast)))  # fmt: skip
+            if "train" in args.parts:
+                training.append(Entry(side, "train", None, m, train_call(m, optimizers[m.key], x, autocast)))
+    for e in inference + training:
+        e.row = _row(e.side, e.part, e.nfe, e.model, e.model.key, e.model.label, e.model.params(e.part))
+
+    for m in models:
+        m.net.eval()
+    measure(inference, args.warmup, args.iters, args.batch, device)
+    for m in models:
+        m.net.train()
+    measure(training, args.warmup, args.iters, args.batch, device)
+    for m in models:
+        m.net.eval()
+
+    rows = [e.row for e in inference + training]
+    rows += combined_rows(rows, args.sizes, [m.key for m in models])
+    order = {"encoder": 0, "decoder": 1, "enc+dec": 2, "train": 3, "ours": 0, "dc-ae": 1, "sd-vae": 2}
+    rows.sort(key=lambda r: (r["side"], order[r["part"]], order[r["key"]], r["nfe"] or 0))
+    add_ratios(rows)
+
     try:
-        dc, kl = diffusers_dc_ae_f32c32().eval().to(device), diffusers_sd_vae_f8c4().eval().to(device)
-        models += [
-            ("dc-ae", "diffusers AutoencoderDC f32c32-in", dc.encoder, dc.decoder, 32),
-            ("sd-vae", "diffusers AutoencoderKL f8c4", _KLEncode(kl), _KLDecode(kl), 8),
-        ]
-    except ImportError as err:
-        print(f"diffusers is not installed ({err}): reference rows skipped")
+        import diffusers
 
-    def count(m):
-        return sum(p.numel() for p in m.parameters()) / 1e6
-
-    entries = []  # (side, part, key, label, params M, call)
-    for side in sizes:
-        for key, label, enc, dec, f in models:
-            c = {"ours": latent_channels, "dc-ae": 32, "sd-vae": 4}[key]
-            x = torch.randn(batch, 3, side, side, device=device)
-            z = torch.randn(batch, c, side // f, side // f, device=device)
-            dec_fn = (lambda m=dec, x=x, z=z: m(x, z)) if key == "ours" else (lambda m=dec, z=z: m(z))
-            for part, module, fn in (("encoder", enc, lambda m=enc, x=x: m(x)), ("decoder", dec, dec_fn)):
-                run = torch.compile(fn) if args.compile else fn
-
-                def call(run=run):
-                    with torch.inference_mode(), torch.autocast(device.type, dtype, enabled=not fp32):
-                        return run()
-
-                entries.append((side, part, key, label, count(module), call))
-    rows = []
-    for side, part, key, label, params, call in entries:
-        for _ in range(warmup):
-            call()
-        with PeakMemory(device) as mem:  # one call, apart from the timing
-            call()
-        print(f"  warm {side} px {part:<8} {label}: {mem.peak / 2**20:.0f} MiB", flush=True)
-        rows.append(_row(side, part, key, label, params, 0.0, mem.peak))
-    for row, seconds in zip(rows, time_interleaved([e[-1] for e in entries], iters, device), strict=True):
-        row["speed"] = batch / seconds
-    for side in sizes:  # full autoencoder: encode + one decode
-        for key in [m[0] for m in models]:
-            e, d = (r for r in rows if (r["side"], r["key"]) == (side, key) and r["part"] != "enc+dec")
-            speed, mem = 1 / (1 / e["speed"] + 1 / d["speed"]), max(e["mem"], d["mem"])
-            rows.append(_row(side, "enc+dec", key, e["label"], e["params"] + d["params"], speed, mem))
-
-    def ref(row, key, field):
-        match = [r for r in rows if (r["side"], r["part"], r["key"]) == (row["side"], row["part"], key)]
-        return row[field] / match[0][field] if match and match[0][field] else float("nan")
-
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = None
     where = f"{torch.get_num_threads()} threads" if cpu else torch.cuda.get_device_name()
-    print(f"\ndevice {device} ({where}), {args.dtype}, batch {batch}, fastest of {iters} interleaved rounds "
-          f"(+{warmup} warm-up), compile {args.compile}, torch {torch.__version__}; "
-          f"memory = peak working memory of one call (see module docstring)\n")  # fmt: skip
-    head = (f"{'px':>4} {'part':<8} {'model':<52} {'params M':>9} {'img/s':>9} {'x dc-ae':>8} "
-            f"{'x sd-vae':>9} {'mem MiB':>9} {'mem/dc-ae':>9}")  # fmt: skip
-    print(head + "\n" + "-" * len(head))
-    order = {"encoder": 0, "decoder": 1, "enc+dec": 2, "ours": 0, "dc-ae": 1, "sd-vae": 2}
-    for r in sorted(rows, key=lambda r: (r["side"], order[r["part"]], order[r["key"]])):
-        print(f"{r['side']:>4} {r['part']:<8} {r['label']:<52} {r['params']:>9.2f} {r['speed']:>9.3f} "
-              f"{ref(r, 'dc-ae', 'speed'):>8.2f} {ref(r, 'sd-vae', 'speed'):>9.2f} {r['mem'] / 2**20:>9.0f} "
-              f"{ref(r, 'dc-ae', 'mem'):>9.2f}")  # fmt: skip
-    print_attention_bias(decoder, sorted(set(sizes) | {256, 512}), batch, dtype, args.attention_backend)
-
-
-def _row(side, part, key, label, params, speed, mem) -> dict:
-    return {"side": side, "part": part, "key": key, "label": label,
-            "params": params, "speed": speed, "mem": mem}  # fmt: skip
-
-
-class _KLEncode(torch.nn.Module):
-    """SD-VAE encode: encoder + quant_conv -> posterior parameters."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
-
-    def forward(self, x):
-        return self.quant_conv(self.encoder(x))
-
-
-class _KLDecode(torch.nn.Module):
-    """SD-VAE decode: post_quant_conv + decoder."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.post_quant_conv, self.decoder = vae.post_quant_conv, vae.decoder
-
-    def forward(self, z):
-        return self.decoder(self.post_quant_conv(z))
+    meta = {**{k: v for k, v in vars(args).items() if k != "json"}, "device_name": where,
+            "torch": torch.__version__, "diffusers": diffusers_version,
+            "compiled": {m.key: m.compiled for m in models}}  # fmt: skip
+    print(f"\ndevice {device} ({where}), {args.dtype}, batch {args.batch}, fastest of {args.iters} interleaved "
+          f"rounds (+{args.warmup} warm-up, +1 memory call), compile {meta['compiled'] if args.compile else False}, "
+          f"torch {torch.__version__}; memory = peak working memory of one call (see module docstring)\n")  # fmt: skip
+    print_table(rows)
+    if args.json:
+        write_json(args.json, meta, rows)
+        print(f"\nrows written to {args.json}")
+    print_attention_bias(models[0].ae.decoder, sorted(set(args.sizes) | {256, 512}), args.batch, dtype,
+                         args.attention_backend)  # fmt: skip
+    return {"settings": meta, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ _LAZY = {
     "DCSSDAE": "dcssdae.autoencoder",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = ["DCSSDAE", "EquilibriumMatching", "FlowMatching", "Posterior", "build_decoder", "build_encoder", "sample"]
+assert sorted(__all__) == sorted(_LAZY)
 
 
 def __getattr__(name):

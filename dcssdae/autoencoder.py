@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -237,8 +238,31 @@ class DCSSDAE(nn.Module):
         return model.eval()
 
 
+class WeightsFileError(ValueError):
+    """A weights file that `load_weights` cannot read: truncated, corrupt, not a checkpoint, or holding Python
+    objects other than weights. The original error is kept as `__cause__`."""
+
+
+EXPECTED = ("expected a Lightning .ckpt written by `dcssdae fit`, or an export directory (config.json + "
+            "model.safetensors) written by `dcssdae export`")
+
+
+def _short_reason(error: BaseException) -> str:
+    """The gist of a loader's error in one line (torch's weights-only refusal is a page long)."""
+    text = str(error).strip()
+    refused = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\.\s|\n|$)", text)
+    if refused:
+        return (f"it holds Python objects other than weights, which torch.load(weights_only=True) refuses to unpickle "
+                f"({refused.group(1).strip()})")
+    first = text.splitlines()[0].split(". ")[0] if text else ""
+    return f"{type(error).__name__}: {first}" if first else f"{type(error).__name__} (truncated or empty file?)"
+
+
 def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict[str, torch.Tensor]]:
-    """(DCSSDAE config, DCSSDAE state dict) from an export directory or a Lightning checkpoint."""
+    """(DCSSDAE config, DCSSDAE state dict) from an export directory or a Lightning checkpoint.
+
+    Raises FileNotFoundError for a missing path and `WeightsFileError` (naming the file) for one that cannot be read.
+    """
     path = Path(path)
     if path.is_dir():
         config_file, weights_file = path / "config.json", path / "model.safetensors"
@@ -248,13 +272,22 @@ def load_weights(path: str | Path, map_location: str | torch.device = "cpu") -> 
                                         "`dcssdae export CKPT OUT`)")
         from safetensors.torch import load_file
 
-        config = json.loads(config_file.read_text())
+        try:
+            config = json.loads(config_file.read_text())
+        except ValueError as e:
+            raise WeightsFileError(f"cannot read {config_file}: not valid JSON ({e}); {EXPECTED}") from e
         config.pop("export", None)  # metadata written by `dcssdae export` (source checkpoint, step, latent stats)
-        return config, load_file(str(weights_file), device=str(map_location))
+        try:
+            return config, load_file(str(weights_file), device=str(map_location))
+        except Exception as e:  # safetensors raises SafetensorError, OSError, ...
+            raise WeightsFileError(f"cannot read {weights_file}: {_short_reason(e)}; {EXPECTED}") from e
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint or export directory at {path}")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    if "dcssdae_config" not in checkpoint or "state_dict" not in checkpoint:
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a damaged zip or pickle fails in many ways: RuntimeError, KeyError, EOFError
+        raise WeightsFileError(f"cannot read {path}: {_short_reason(e)}; {EXPECTED}") from e
+    if not isinstance(checkpoint, dict) or "dcssdae_config" not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a checkpoint written by `dcssdae fit` (no 'dcssdae_config'/'state_dict')")
     state = {k[len("ae."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("ae.")}
     return checkpoint["dcssdae_config"], state

@@ -93,35 +93,43 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-# Magic numbers, to tell a damaged image file from a file that is no image at all.
+# Magic numbers, to tell a damaged image file from a file that is no image at all, and to name the format of a file
+# PIL could not open.
 _MAGIC = {
     b"\xff\xd8\xff": "JPEG",
     b"\x89PNG\r\n\x1a\n": "PNG",
-    b"GIF8": "GIF",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
     b"BM": "BMP",
     b"II*\x00": "TIFF",
     b"MM\x00*": "TIFF",
+    b"\x00\x00\x00\x0cjP  \r\n\x87\n": "JPEG2000",
+    b"\xff\x4f\xff\x51": "JPEG2000",
 }
 
 
 def _sniff(data: bytes) -> str | None:
+    """The image format `data` starts like (its magic number, or a file cut inside it), else None."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
-    return next((fmt for magic, fmt in _MAGIC.items() if data.startswith(magic)), None)
+    for magic, fmt in _MAGIC.items():
+        if data.startswith(magic) or (len(data) >= 2 and magic.startswith(data)):
+            return fmt
+    return None
 
 
 def decode_image(data: bytes) -> Image.Image:
     """Decode image bytes (any format PIL reads) into an RGB PIL image; raise `ImageDecodeError` otherwise.
 
-    The full pixel data is decoded here (`load()`), so a truncated file fails now, not later.
-    Multi-frame files (GIF, TIFF, MPO) give their first frame.
+    The full pixel data is decoded here (`load()`), so a truncated file fails now, not later. The error names the
+    format: the one PIL detected, or, when PIL fails before detecting it (a header cut short), the one its magic
+    number says. Multi-frame files (GIF, TIFF, MPO) give their first frame.
     """
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
-    fmt = "image"
+    img = None
     try:
         img = Image.open(io.BytesIO(data))
-        fmt = img.format or fmt
         img.load()
         return to_rgb(img)
     except UnidentifiedImageError:
@@ -132,6 +140,7 @@ def decode_image(data: bytes) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"too many pixels: {e}") from None
     except Exception as e:  # noqa: BLE001 (PIL raises OSError, ValueError, SyntaxError, struct.error, ...)
+        fmt = (img.format if img is not None else None) or _sniff(data) or "image (unknown format)"
         raise ImageDecodeError(f"corrupt or truncated {fmt}: {e}") from None
 
 
@@ -669,6 +678,11 @@ class ImageNetDataModule(L.LightningDataModule):
         return self._loader(dataset)
 
     def test_dataloader(self) -> DataLoader:
+        """`dcssdae test`: the validation images (there is no separate ImageNet test set with labels)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """`dcssdae predict`: the validation images, each exactly once across ranks (as for validation)."""
         return self.val_dataloader()
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:

@@ -82,7 +82,8 @@ def _modulate_tokens(
 # Index of the relative offset (key - query) along one axis of length n into a window table padded by one
 # entry on each side: offsets -r..r map to 1..2r+1, every offset outside the window maps to the border (0 or
 # 2r+2). Only these small integer tensors are cached (keyed by size), never parameter values; under
-# torch.compile the index is traced into the graph instead (a constant there).
+# torch.compile the index is traced into the graph instead (a constant there). Cached tensors are built outside
+# inference mode: one first built under torch.inference_mode (validation) could not be saved for backward later.
 def _offset_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
     if not torch.compiler.is_compiling():
         return _cached_offset_index(n, radius, device)
@@ -92,8 +93,9 @@ def _offset_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=32)
 def _cached_offset_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
-    pos = torch.arange(n, device=device)
-    return (pos[None, :] - pos[:, None] + radius + 1).clamp(0, 2 * radius + 2)
+    with torch.inference_mode(False):
+        pos = torch.arange(n, device=device)
+        return (pos[None, :] - pos[:, None] + radius + 1).clamp(0, 2 * radius + 2)
 
 
 # FlexAttention block mask of the window |dy| <= r and |dx| <= r (depends on the grid only, cached; built
@@ -107,7 +109,8 @@ def _window_block_mask(Hg: int, Wg: int, radius: int, device: torch.device):
         dy, dx = kv_idx // Wg - q_idx // Wg, kv_idx % Wg - q_idx % Wg
         return (dy.abs() <= radius) & (dx.abs() <= radius)
 
-    return create_block_mask(in_window, B=None, H=None, Q_LEN=Hg * Wg, KV_LEN=Hg * Wg, device=device)
+    with torch.inference_mode(False):  # cached: see _cached_offset_index
+        return create_block_mask(in_window, B=None, H=None, Q_LEN=Hg * Wg, KV_LEN=Hg * Wg, device=device)
 
 
 @functools.lru_cache(maxsize=1)

@@ -8,9 +8,10 @@ standing in for the data, plus LPIPS between the two images:
 
     z = E(x);  x_teacher = sample_N(teacher, noise, z)                      # N evaluations, no gradient
     pred = student(noise, z);  x_student = to_x0(noise, pred)               # the one-step decoder
-    loss = w_eqm * |pred - target(x_teacher, noise)|^2 + w_lpips * LPIPS(x_student, x_teacher)
+    loss = w_distill * |pred - target(x_teacher, noise)|^2 + w_lpips * LPIPS(x_student, x_teacher)
 
-(For EqM the first term is c(0)^2 * |x_student - x_teacher|^2, for FM exactly |x_student - x_teacher|^2.)
+(For EqM the first term is c(0)^2 * |x_student - x_teacher|^2, for FM exactly |x_student - x_teacher|^2.) The terms are
+logged as train/distill and train/lpips (or train/stlpips); their weights are `loss_weights.distill` and `.lpips`.
 Only the student's decoder trains; the encoder is frozen. Validation decodes in one step.
 """
 
@@ -68,7 +69,9 @@ class DistillSystem(DCSSDAESystem):
         pred = self.ae.decoder(noise, z, self.corruption.decoder_time(level))   # one student evaluation
         x_student = self.corruption.to_x0(noise, pred, level)
         target = self.corruption.target(x_teacher, noise, level)            # the teacher's sample as the data
-        terms = {self.corruption.name: self.corruption.loss(pred, target).mean()}
+        terms = {}
+        if self.loss_weights.distill > 0:
+            terms["distill"] = self.corruption.loss(pred, target).mean()    # the objective's loss at level 0/1
         if self.lpips is not None:
             terms[self.lpips.name] = self.lpips(x_student, x_teacher).mean()
         return self.log_loss(terms)

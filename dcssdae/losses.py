@@ -337,6 +337,9 @@ class LossWeights:
     """REPA alignment with DINOv2 (SSDD, DC-SSDAE)."""
     kl: float = 1e-6
     """KL of the posterior (DC-SSDAE errata: 1e-6)."""
+    distill: float = 1.0
+    """One-step distillation: the objective's loss at the pure-noise level between the student's one-step prediction
+    and the target built from the teacher's N-step sample (SSDD Sec. 3.4; `dcssdae.distill.DistillSystem`)."""
 
     def total(self, terms: dict[str, Tensor]) -> Tensor:
         """sum_k weight_k * terms[k]; every term needs a weight and must be a scalar."""

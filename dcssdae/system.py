@@ -11,7 +11,13 @@ Phases differ only in configuration (see configs/phase*.yaml): which parameters 
 patterns over the autoencoder's parameter names), `init_from` (weights of the previous phase), image size and
 loss weights. `init_from` loads weights only (a new phase); `dcssdae fit --ckpt_path` resumes the full state.
 Validation decodes with the configured sampler from fixed-seed noise (the same images every time) and
-reports `ReconstructionMetrics`; the EMA callback swaps in the averaged weights for it.
+reports `ReconstructionMetrics`; the EMA callback swaps in the averaged weights for it. `dcssdae test` does the same
+on the data module's test images; `dcssdae predict` reconstructs them and writes `input | reconstruction` PNGs
+(`ReconstructionWriter`, below).
+
+Noise: every training batch draws its noise (posterior sample, levels, corruption noise) from the global RNGs, which
+`dcssdae.checkpointing.StepSeed` (on in the CLI) reseeds before each batch from (seed, rank, epoch, batch index): every
+DDP rank draws its own noise, and a resumed run draws what an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -23,14 +29,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from PIL import Image
 from torch import nn
 
 from dcssdae.autoencoder import DCSSDAE, build_corruption, corruption_config, load_weights
 from dcssdae.corruption import EquilibriumMatching, FlowMatching
 from dcssdae.losses import LossWeights, LPIPSLoss, REPALoss, kl_loss
-from dcssdae.metrics import ReconstructionMetrics, format_table, write_json
+from dcssdae.metrics import ReconstructionMetrics, format_table, psnr_uint8, quantize_uint8, write_json
 
 # Parameters that get no weight decay: biases, norm gains, embeddings and position tables (any tensor with < 2
 # dims, plus these names), as in nanoGPT / timm.
@@ -67,6 +75,7 @@ class DCSSDAESystem(pl.LightningModule):
         val_rfid: bool = True,
         val_lpips: str | None = "lpips",
         val_seed: int = 0,
+        predict_dir: str | None = "reconstructions",
     ):
         """
         Args:
@@ -80,8 +89,8 @@ class DCSSDAESystem(pl.LightningModule):
             sampler: decoding sampler {"method": ..., **settings} (dcssdae.sampling); default 8 EqM descent steps
                 with eta = 1/c(0), or 8 Euler steps for FM.
             sample_posterior: train the decoder on z ~ q(z|x) (True) or on its mean.
-            loss_weights: weights of the named loss terms (eqm or fm, lpips or stlpips, repa, kl); a term whose
-                weight is 0 is not computed (and its network not loaded).
+            loss_weights: weights of the named loss terms (eqm or fm, lpips or stlpips, repa, kl; distill for
+                DistillSystem); a term whose weight is 0 is not computed (and its network not loaded).
             lpips_variant: perceptual loss: "lpips" (needs the ImageNet backbone weights) or "stlpips"
                 (shift-tolerant LPIPS, weights shipped in its wheel).
             lpips_net: perceptual backbone: "vgg" (SSDD's loss) or "alex".
@@ -102,6 +111,9 @@ class DCSSDAESystem(pl.LightningModule):
             val_rfid: compute rFID at validation (TF-Inception; meaningful on >= 10k images).
             val_lpips: perceptual metric at validation: "lpips", "stlpips" or None.
             val_seed: seed of the validation noise (the same noise at every validation).
+            predict_dir: where `dcssdae predict` writes `<key>.png` = input | reconstruction, relative to the run's log
+                dir (lightning_logs/version_N) or absolute; None: write nothing (`trainer.predict` then returns
+                the reconstructions themselves).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -120,6 +132,7 @@ class DCSSDAESystem(pl.LightningModule):
         self.optimizer_name, self.lr, self.weight_decay, self.betas = optimizer, lr, weight_decay, tuple(betas)
         self.warmup_steps = warmup_steps
         self.val_steps, self.val_seed = val_steps, val_seed
+        self.predict_dir = predict_dir
 
         # Auxiliary losses: built only when weighted (no VGG / DINOv2 load otherwise).
         weights = self.loss_weights
@@ -195,7 +208,8 @@ class DCSSDAESystem(pl.LightningModule):
         self.init_report = {"loaded": loaded, "missing": report.missing_keys, "unexpected": report.unexpected_keys}
 
     def on_train_start(self) -> None:
-        # seed_everything gives every rank the same seed: offset it so that each rank draws its own noise.
+        # seed_everything gives every rank the same seed: offset it so that each rank draws its own noise (StepSeed,
+        # when present, then reseeds every batch from (seed, rank, epoch, batch index)).
         if self.trainer.world_size > 1:
             torch.manual_seed(torch.initial_seed() + 1_000_003 * self.global_rank)
 
@@ -263,7 +277,23 @@ class DCSSDAESystem(pl.LightningModule):
     test_step = validation_step
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
-        return {"key": batch["key"], "x_hat": self.reconstruct(batch["image"], batch_idx)[0]}
+        """Reconstructions with the validation sampler (`val_steps`) and noise, as `dcssdae validate` makes them:
+        {"key": [str], "x_hat": (B, 3, S, S) in [-1, 1], "psnr": (B,) dB on the 8-bit images, "nfe": (B,)}.
+
+        `dcssdae predict --config CONFIG --ckpt_path CKPT` runs it over the data module's predict images (the
+        validation set, each image once across ranks) with the checkpoint's EMA weights, and `ReconstructionWriter`
+        writes every image as `<log dir>/<predict_dir>/<key>.png` = input | reconstruction.
+        """
+        x = batch["image"]
+        x_hat, nfe = self.reconstruct(x, batch_idx)
+        psnr, _ = psnr_uint8(quantize_uint8(x_hat), quantize_uint8(x))
+        return {"key": list(batch["key"]), "x_hat": x_hat, "psnr": psnr.float(), "nfe": nfe}
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Prediction (`dcssdae predict`, `trainer.predict`) writes its PNGs, unless predict_dir is None."""
+        if self.predict_dir is None or self._trainer is None or self.trainer.state.fn != "predict":
+            return []
+        return [ReconstructionWriter(self.predict_dir)]
 
     def on_validation_epoch_end(self) -> None:
         self.report_metrics("val")
@@ -341,3 +371,44 @@ class DCSSDAESystem(pl.LightningModule):
             raise ValueError(f"{path} holds another network than this config ({len(differ)} autoencoder tensors "
                              f"differ, e.g. {', '.join(differ[:3])}). --ckpt_path resumes the same run; to start a "
                              f"new one from its weights use --model.init_args.init_from {path}")
+
+
+# ------------------------------------------------------------------------------------------------
+# `dcssdae predict` output: one PNG per image, input | reconstruction (as `dcssdae reconstruct` writes them).
+
+
+class ReconstructionWriter(pl.Callback):
+    """Writes each predicted image as `<folder>/<key>.png`: the input and its reconstruction side by side (8-bit).
+
+    Every rank writes its own images (the predict data holds each image once across ranks). Once written, a batch's
+    reconstructions are dropped from the prediction (its "x_hat" becomes "png", the written paths), so that predicting
+    a large set does not hold every image in memory. (A plain callback rather than Lightning's BasePredictionWriter,
+    which looks for sample indices that a streaming data set does not have, and warns.)
+    """
+
+    def __init__(self, folder: str = "reconstructions") -> None:
+        """
+        Args:
+            folder: relative to the run's log dir (lightning_logs/version_N), or absolute.
+        """
+        self.folder, self.out_dir, self.written = folder, None, 0
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        self.out_dir, self.written = (Path(log_dir or trainer.default_root_dir) / self.folder).absolute(), 0
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_predict_batch_end(self, trainer, pl_module, prediction, batch, batch_idx, dataloader_idx=0) -> None:
+        # (Lightning calls this before it keeps `prediction` for the return value of trainer.predict.)
+        pairs = torch.cat([quantize_uint8(batch["image"]), quantize_uint8(prediction.pop("x_hat"))], dim=3)
+        paths = []
+        for key, pair in zip(prediction["key"], pairs.permute(0, 2, 3, 1).cpu().numpy()):  # (S, 2S, 3) each
+            path = self.out_dir / (str(key).replace("/", "_").replace("\\", "_") + ".png")
+            Image.fromarray(np.ascontiguousarray(pair)).save(path)
+            paths.append(str(path))
+        prediction["png"] = paths
+        self.written += len(paths)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        where = "this rank" if trainer.world_size > 1 else "all"
+        print(f"wrote {self.written} reconstructions ({where}; input | reconstruction) to {self.out_dir}")

@@ -4,10 +4,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -17,3 +23,55 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# ------------------------------------------------------------------------------------------------
+# The `dcssdae` command end to end (tests/test_cli.py, test_bad_input.py, test_resume.py).
+
+
+class TinyCLI:
+    """`dcssdae COMMAND --config CONFIG --config tests/configs/cpu_tiny.yaml` in a working directory that holds the
+    default photo shards; each run NAME writes its logs to runs/NAME and its checkpoints to runs/NAME/checkpoints."""
+
+    configs = ROOT / "configs"
+    tiny = ROOT / "tests" / "configs" / "cpu_tiny.yaml"
+
+    def __init__(self, work: Path):
+        self.work = work
+
+    def args(self, command: str, name: str, *extra: str, config: str | Path = "quickstart.yaml") -> list[str]:
+        """The command line (without `dcssdae`); `config` is a shipped config's name or a path."""
+        return [command, "--config", str(self.configs / config), "--config", str(self.tiny),
+                "--trainer.default_root_dir", f"runs/{name}", "--checkpoint.dirpath", f"runs/{name}/checkpoints",
+                *extra]
+
+    def __call__(self, command: str, name: str, *extra: str, config: str | Path = "quickstart.yaml") -> int:
+        """Run it in this process; the exit code (0: success, 1: a reported error, 143: pre-empted)."""
+        from dcssdae.cli import main
+
+        return main(self.args(command, name, *extra, config=config))
+
+    def subprocess(self, command: str, name: str, *extra: str, config: str | Path = "quickstart.yaml",
+                   env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Run it in a new Python process (`python -m dcssdae.cli ...`), e.g. for DDP; stdout and stderr captured."""
+        command_line = [sys.executable, "-m", "dcssdae.cli", *self.args(command, name, *extra, config=config)]
+        return subprocess.run(command_line, capture_output=True, text=True, timeout=timeout, check=False,
+                              cwd=self.work, env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+                                                  **(env or {})})
+
+    def last_ckpt(self, name: str) -> Path:
+        return self.work / "runs" / name / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def tiny_cli(tmp_path_factory, request) -> TinyCLI:
+    """A `TinyCLI` whose working directory (the current one during the module's tests) and default photo shards are
+    made once per test module."""
+    work = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DCSSDAE_DATA", str(work / "data"))
+        mp.chdir(work)
+        from dcssdae.photos import ensure_default_photos
+
+        ensure_default_photos()
+        yield TinyCLI(work)

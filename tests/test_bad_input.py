@@ -15,25 +15,11 @@ from PIL import Image
 from dcssdae.cli import main, run_lightning_cli
 from dcssdae.shards import Item, write_shards
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART, TINY = ROOT / "configs" / "quickstart.yaml", ROOT / "tests" / "configs" / "cpu_tiny.yaml"
-
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    work = tmp_path_factory.mktemp("bad_input")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DCSSDAE_DATA", str(work / "data"))
-        mp.chdir(work)
-        from dcssdae.photos import ensure_default_photos
-
-        ensure_default_photos()
-        yield work
-
-
-def fit_args(name: str, *extra: str) -> list[str]:
-    return ["fit", "--config", str(QUICKSTART), "--config", str(TINY), "--trainer.default_root_dir", f"runs/{name}",
-            "--checkpoint.dirpath", f"runs/{name}/checkpoints", *extra]
+def fit_args(tiny_cli):
+    """`fit_args(NAME, *EXTRA)`: the command line of `dcssdae fit` on the quick-start config + tiny overlay."""
+    return lambda name, *extra: tiny_cli.args("fit", name, *extra)
 
 
 def fails_with(capsys, argv: list[str], *needles: str) -> str:
@@ -61,13 +47,13 @@ def jpeg(w: int, h: int, seed: int) -> bytes:
 # Clear errors
 
 
-def test_unknown_variant_names(workdir, capsys):
+def test_unknown_variant_names(fit_args, capsys):
     fails_with(capsys, fit_args("bad", "--model.init_args.encoder", "dc-ae-f33c32"),
                "unknown encoder 'dc-ae-f33c32'", "known encoders:", "tiny-f32c8")
     fails_with(capsys, fit_args("bad", "--model.init_args.decoder", "XXL"), "unknown decoder 'XXL'")
 
 
-def test_misspelt_config_key(workdir, capsys, tmp_path):
+def test_misspelt_config_key(fit_args, capsys, tmp_path):
     typo = tmp_path / "typo.yaml"
     typo.write_text("model:\n  init_args:\n    learning_rate: 0.1\n")
     fails_with(capsys, fit_args("bad", "--config", str(typo)), "error: Option 'learning_rate' is not accepted")
@@ -76,7 +62,7 @@ def test_misspelt_config_key(workdir, capsys, tmp_path):
     fails_with(capsys, fit_args("bad", "--config", str(typo)), "does not accept option 'data.batch_sise'")
 
 
-def test_image_side_not_divisible_by_the_compression_factor(workdir, capsys):
+def test_image_side_not_divisible_by_the_compression_factor(fit_args, capsys):
     # An f64 encoder (one more downsampling stage than tiny-f32c8) on 96 px crops: 96 is not a multiple of 64.
     f64 = ("{widths: [16, 16, 32, 32, 32, 32, 32], depths: [0, 1, 1, 1, 1, 1, 1], latent_channels: 8, "
            "block_types: [ResBlock, ResBlock, ResBlock, EViT, EViT, EViT, EViT]}")
@@ -84,8 +70,8 @@ def test_image_side_not_divisible_by_the_compression_factor(workdir, capsys):
                "96", "64")
 
 
-def test_checkpoint_of_another_variant(workdir, capsys):
-    main(fit_args("small", "--trainer.max_steps", "1"))
+def test_checkpoint_of_another_variant(fit_args, capsys):
+    assert main(fit_args("small", "--trainer.max_steps", "1")) == 0
     ckpt = Path("runs/small/checkpoints/last.ckpt").resolve()
     wider = "{latent_channels: 16}"  # another latent width: the checkpoint's encoder/decoder heads do not fit
     fails_with(capsys, fit_args("other", "--model.init_args.encoder_overrides", wider,
@@ -118,7 +104,7 @@ class Payload:
         return (Path.touch, (self.marker.resolve(),))
 
 
-def test_numerical_blow_up_stops_naming_the_terms_and_step(workdir, capsys):
+def test_numerical_blow_up_stops_naming_the_terms_and_step(fit_args, capsys):
     # lr 1e30: the first step sends the weights far out, every later loss is NaN. Each such step is skipped; the
     # third in a row stops the run. The weights in the checkpoint stay finite.
     err = fails_with(capsys, fit_args("blowup", "--model.init_args.lr", "1e30", "--model.init_args.warmup_steps", "0",
@@ -138,7 +124,7 @@ def write_train_shards(root: Path, sizes: list[tuple[int, int]], shard_size: int
     return str(root / write_shards(items, root, "train", shard_size, progress=False)["pattern"])
 
 
-def test_small_and_corrupt_images_and_a_shard_that_vanishes(workdir, caplog, tmp_path):
+def test_small_and_corrupt_images_and_a_shard_that_vanishes(fit_args, caplog, tmp_path):
     # Shard 0: images smaller than the 64 px crop (upscaled); shard 1: normal; shard 2: a corrupt JPEG among
     # good ones (written by hand: `dcssdae shards` would have refused it). Shard 1 is deleted mid-run.
     pattern = write_train_shards(tmp_path, [(8, 8), (20, 12), (40, 30), (64, 64), (90, 70), (80, 100)], 3)

@@ -1,6 +1,7 @@
 """The `dcssdae` command end to end on CPU, with the shipped configs plus the tiny test overlay:
-quick-start fit -> checkpoint -> validate (metrics JSON); phase 1 -> 2 -> 3 -> distill, each from the previous
-checkpoint; loading a checkpoint in a new process; a 2-process DDP fit (gloo)."""
+quick-start fit -> checkpoint -> validate / test (metrics JSON) and predict (reconstruction PNGs); phase 1 -> 2 -> 3
+-> distill, each from the previous checkpoint; loading a checkpoint in a new process; a 2-process DDP fit (gloo) in
+which every rank draws its own noise."""
 
 import json
 import os
@@ -8,36 +9,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
+from PIL import Image
 
-from dcssdae.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-TINY = ROOT / "tests" / "configs" / "cpu_tiny.yaml"
+from dcssdae.data import ValShards
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A working directory (runs/ go there) and the default photo shards, built once for this module."""
-    work = tmp_path_factory.mktemp("cli")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DCSSDAE_DATA", str(work / "data"))
-        mp.chdir(work)
-        from dcssdae.photos import ensure_default_photos
-
-        ensure_default_photos()
-        yield work
-
-
-def fit(config: Path, name: str, *extra: str) -> Path:
-    """`dcssdae fit --config CONFIG --config cpu_tiny.yaml` into runs/NAME; returns its last.ckpt."""
-    main(["fit", "--config", str(config), "--config", str(TINY), "--trainer.default_root_dir", f"runs/{name}",
-          "--checkpoint.dirpath", f"runs/{name}/checkpoints", *extra])
-    ckpt = Path(f"runs/{name}/checkpoints/last.ckpt")
+def fit(tiny_cli, config: str, name: str, *extra: str) -> Path:
+    """`dcssdae fit --config configs/CONFIG --config cpu_tiny.yaml` into runs/NAME; returns its last.ckpt."""
+    assert tiny_cli("fit", name, *extra, config=config) == 0
+    ckpt = tiny_cli.last_ckpt(name)
     assert ckpt.is_file()
-    return ckpt.resolve()
+    return ckpt
 
 
 def ae_state(ckpt: Path, key: str = "state_dict", prefix: str = "ae.") -> dict[str, torch.Tensor]:
@@ -46,28 +32,67 @@ def ae_state(ckpt: Path, key: str = "state_dict", prefix: str = "ae.") -> dict[s
 
 
 @pytest.fixture(scope="module")
-def quickstart_ckpt(workdir):
-    return fit(CONFIGS / "quickstart.yaml", "quickstart")
+def quickstart_ckpt(tiny_cli):
+    return fit(tiny_cli, "quickstart.yaml", "quickstart")
 
 
-def test_quickstart_fit_writes_checkpoint_and_reconstructions_then_validate_reports_metrics(quickstart_ckpt):
+def test_quickstart_fit_writes_checkpoint_and_reconstructions_then_validate_reports_metrics(tiny_cli, quickstart_ckpt):
     logs = sorted(Path("runs/quickstart/lightning_logs").glob("version_*"))
     assert (logs[-1] / "reconstructions" / "latest.png").is_file()
     assert (logs[-1] / "config.yaml").is_file()  # the resolved run, saved by LightningCLI
-    main(["validate", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(TINY),
-          "--trainer.default_root_dir", "runs/quickstart_val", "--ckpt_path", str(quickstart_ckpt)])
+    assert tiny_cli("validate", "quickstart_val", "--ckpt_path", str(quickstart_ckpt)) == 0
     (report,) = Path("runs/quickstart_val").rglob("validate_metrics.json")
     metrics = json.loads(report.read_text())
     assert metrics["num_images"] == 4 and metrics["nfe"] == 1.0  # 2 batches of 2, the one-step sampler of the overlay
     assert 0 < metrics["psnr"] < 100 and -1 <= metrics["ssim"] <= 1
 
 
-def test_ckpt_path_resumes_the_full_state(quickstart_ckpt):
+def test_test_subcommand_reports_metrics_on_the_validation_images(tiny_cli, quickstart_ckpt):
+    assert tiny_cli("test", "quickstart_test", "--ckpt_path", str(quickstart_ckpt)) == 0
+    (report,) = Path("runs/quickstart_test").rglob("test_metrics.json")
+    metrics = json.loads(report.read_text())
+    assert metrics["num_images"] == 12 and metrics["nfe"] == 1.0  # every default validation photo, once
+    assert 0 < metrics["psnr"] < 100
+
+
+def test_predict_writes_input_and_reconstruction_of_every_validation_image(tiny_cli, quickstart_ckpt):
+    # Live weights far from the EMA ones (after 2 warm-up steps they are nearly equal): predict must use the EMA.
+    checkpoint = torch.load(quickstart_ckpt, weights_only=True)
+    live = checkpoint["current_model_state"]
+    for name in [k for k in live if k.startswith("ae.decoder.") and live[k].is_floating_point()]:
+        live[name] = live[name] + 0.5 * torch.randn_like(live[name])
+    torch.save(checkpoint, ckpt := tiny_cli.work / "runs/quickstart/checkpoints/live_differs.ckpt")
+    result = tiny_cli.subprocess("predict", "quickstart_predict", "--ckpt_path", str(ckpt))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = (tiny_cli.work / "runs/quickstart_predict/lightning_logs").glob("version_*/reconstructions")
+    assert f"wrote 12 reconstructions (all; input | reconstruction) to {folder}" in result.stdout
+
+    # The same images, batches and per-batch noise seeds (val_seed + batch index) as the run, and the checkpoint's
+    # EMA weights, rebuilt here: each PNG is the 64 px input | its one-step reconstruction, as uint8.
+    from dcssdae.autoencoder import DCSSDAE
+    from dcssdae.metrics import quantize_uint8
+
+    ae = DCSSDAE.from_pretrained(ckpt)
+    val = ValShards(str(tiny_cli.work / "data/photos/val/val-{000000..000001}.tar"), 64, 2, rank=0, world_size=1)
+    pngs = sorted(folder.glob("*.png"))
+    assert len(pngs) == 12
+    for batch_idx, batch in enumerate(val):
+        x = batch["image"]
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(batch_idx))
+        with torch.no_grad():
+            x_hat = ae.decode(ae.encode(x), noise=noise, steps=1).clamp(-1, 1)
+        expected = torch.cat([quantize_uint8(x), quantize_uint8(x_hat)], dim=3).permute(0, 2, 3, 1).numpy()
+        for key, pair in zip(batch["key"], expected):
+            written = np.asarray(Image.open(folder / f"{key}.png"))
+            assert written.shape == (64, 128, 3) and written.dtype == np.uint8
+            assert np.array_equal(written[:, :64], pair[:, :64]), key  # the input, exactly
+            assert np.abs(written[:, 64:].astype(int) - pair[:, 64:]).max() <= 1, key  # its reconstruction
+
+
+def test_ckpt_path_resumes_the_full_state(tiny_cli, quickstart_ckpt):
     start = torch.load(quickstart_ckpt, weights_only=True)
-    main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(TINY), "--trainer.max_steps", "4",
-          "--trainer.default_root_dir", "runs/resumed", "--checkpoint.dirpath", "runs/resumed/checkpoints",
-          "--ckpt_path", str(quickstart_ckpt)])
-    end = torch.load("runs/resumed/checkpoints/last.ckpt", weights_only=True)
+    assert tiny_cli("fit", "resumed", "--trainer.max_steps", "4", "--ckpt_path", str(quickstart_ckpt)) == 0
+    end = torch.load(tiny_cli.last_ckpt("resumed"), weights_only=True)
     assert start["global_step"] == 2 and end["global_step"] == 4
     assert end["callbacks"]["EMA"]["num_updates"] == start["callbacks"]["EMA"]["num_updates"] + 2
     assert end["optimizer_states"][0]["state"][0]["step"] == start["optimizer_states"][0]["state"][0]["step"] + 2
@@ -93,11 +118,11 @@ def test_checkpoint_loads_in_a_new_process(quickstart_ckpt):
     assert "OK (1, 3, 64, 64)" in result.stdout
 
 
-def test_phase_chain_each_initialised_from_the_previous_checkpoint(workdir):
-    phase1 = fit(CONFIGS / "phase1.yaml", "phase1")  # REPA on (random tiny ViT in the overlay)
-    phase2 = fit(CONFIGS / "phase2.yaml", "phase2", "--model.init_from", str(phase1))
-    phase3 = fit(CONFIGS / "phase3.yaml", "phase3", "--model.init_from", str(phase2))
-    distill = fit(CONFIGS / "distill.yaml", "distill", "--model.init_from", str(phase3))
+def test_phase_chain_each_initialised_from_the_previous_checkpoint(tiny_cli):
+    phase1 = fit(tiny_cli, "phase1.yaml", "phase1")  # REPA on (random tiny ViT in the overlay)
+    phase2 = fit(tiny_cli, "phase2.yaml", "phase2", "--model.init_from", str(phase1))
+    phase3 = fit(tiny_cli, "phase3.yaml", "phase3", "--model.init_from", str(phase2))
+    distill = fit(tiny_cli, "distill.yaml", "distill", "--model.init_from", str(phase3))
 
     ema1, live2 = ae_state(phase1), ae_state(phase2, "current_model_state")
     # phase 2 started from phase 1's EMA weights; what it froze is still exactly that
@@ -108,22 +133,48 @@ def test_phase_chain_each_initialised_from_the_previous_checkpoint(workdir):
     ema2, live3 = ae_state(phase2), ae_state(phase3, "current_model_state")
     assert all(torch.equal(live3[k], ema2[k]) for k in ema2 if k.startswith("encoder."))
     assert not torch.equal(live3["decoder.out_conv.weight"], ema2["decoder.out_conv.weight"])
-    # distillation: the teacher is phase 3's EMA model, frozen; the student decoder moves
+    # distillation: the teacher is phase 3's EMA model, frozen; the student decoder moves; its loss terms are
+    # distill (the one-step MSE) and the perceptual one, logged under their own names
     ema3 = ae_state(phase3)
     teacher = ae_state(distill, "current_model_state", "teacher.")
     student = ae_state(distill, "current_model_state")
     assert all(torch.equal(teacher[k], ema3[k]) for k in ema3)
     assert not torch.equal(student["decoder.out_conv.weight"], ema3["decoder.out_conv.weight"])
     assert all(torch.equal(student[k], ema3[k]) for k in ema3 if k.startswith("encoder."))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = Path("runs/distill/lightning_logs").rglob("events.out.tfevents.*")
+    logged = set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    assert {"train/distill", "train/stlpips", "train/loss"} <= logged and "train/eqm" not in logged
 
 
-def test_ddp_two_processes_on_cpu(workdir):
-    command = [sys.executable, "-m", "dcssdae.cli", "fit", "--config", str(CONFIGS / "quickstart.yaml"),
-               "--config", str(TINY), "--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.train_epoch_size", "8",
-               "--trainer.default_root_dir", "runs/ddp", "--checkpoint.dirpath", "runs/ddp/checkpoints"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, cwd=workdir,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"})
+class RecordNoise(Callback):
+    """Writes runs/<run>/noise_rank<R>.json: the sums of the corruption noise and levels of each training step."""
+
+    def on_train_start(self, trainer, pl_module):
+        drawn, corrupt = [], pl_module.corruption.corrupt
+
+        def recording(x, noise, level):
+            drawn.append([noise.double().sum().item(), level.double().sum().item()])
+            return corrupt(x, noise, level)
+
+        pl_module.corruption.corrupt, self.drawn = recording, drawn
+
+    def on_train_end(self, trainer, pl_module):
+        path = Path(trainer.default_root_dir) / f"noise_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(self.drawn))
+
+
+def test_ddp_two_processes_on_cpu_each_rank_draws_its_own_noise(tiny_cli):
+    record = {"trainer": {"callbacks": [{"class_path": "test_cli.RecordNoise"}]}}
+    result = tiny_cli.subprocess("fit", "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                                 "--data.train_epoch_size", "8", "--config", json.dumps(record),
+                                 env={"PYTHONPATH": str(Path(__file__).parent)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting with 2 processes" in result.stderr + result.stdout
-    checkpoint = torch.load(workdir / "runs/ddp/checkpoints/last.ckpt", weights_only=True)
+    checkpoint = torch.load(tiny_cli.last_ckpt("ddp"), weights_only=True)
     assert checkpoint["global_step"] == 2 and "current_model_state" in checkpoint
+    rank0, rank1 = (json.loads((tiny_cli.work / f"runs/ddp/noise_rank{r}.json").read_text()) for r in (0, 1))
+    assert len(rank0) == len(rank1) == 2
+    for (noise0, level0), (noise1, level1) in zip(rank0, rank1):
+        assert noise0 != noise1 and level0 != level1

@@ -14,10 +14,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from dcssdae.data import (
+    ImageDecodeError,
     ImageNetDataModule,
     TrainShards,
     ValShards,
     collate,
+    decode_image,
     split_assignment,
     train_transform,
     val_transform,
@@ -78,6 +80,25 @@ def test_train_transform_zoom_and_flip():
     assert any(np.array_equal(o, a[:, ::-1]) for o in outs) and any(np.array_equal(o, a) for o in outs)
     zoomed = [np.asarray(train_transform(img, S, 3.0, random.Random(seed))) for seed in range(5)]
     assert not any(np.array_equal(z, a) for z in zoomed)
+
+
+def encoded(fmt: str, w: int = 48, h: int = 40) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_image_errors_name_the_real_format(fmt):
+    # Cut in the signature, in the header (PIL fails while opening: it has not named the format yet), and in the
+    # pixel data (PIL named it, decoding fails); the error names the format every time.
+    data = encoded(fmt)
+    for n in (2, 4, 10, 20, 30, 40, 100, len(data) // 2, len(data) - 30):
+        with pytest.raises(ImageDecodeError, match=f"^corrupt or truncated {fmt}\\b"):
+            decode_image(data[:n])
+    assert decode_image(data).size == (48, 40)
+    with pytest.raises(ImageDecodeError, match="^not an image"):
+        decode_image(b"GIF" + data[3:])  # a damaged signature is not recognisable as anything
 
 
 def test_collate_range_and_types():
@@ -248,6 +269,11 @@ class _Probe(L.LightningModule):
         self.batch_fields |= set(batch)
         self.val_keys += batch["key"]
 
+    test_step = validation_step
+
+    def predict_step(self, batch, batch_idx):
+        return batch["key"]
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
@@ -274,6 +300,19 @@ def test_lightning_fit(tmp_path):
     assert sorted(model.val_keys) == [f"img{i:03d}" for i in range(5)]
     assert model.batch_fields == {"image", "label", "key"}
     assert dm.skipped_samples == {"train": 0, "val": 0}
+
+
+@pytest.mark.filterwarnings("ignore:Your `IterableDataset` has `__len__` defined")
+def test_test_and_predict_read_every_validation_image_once(tmp_path):
+    val = make_shards(tmp_path / "val", 5, 2)
+    dm = ImageNetDataModule(val, val, image_size=S, batch_size=2, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    model = _Probe()
+    trainer.test(model, datamodule=dm, verbose=False)
+    assert model.val_keys == [f"img{i:03d}" for i in range(5)]
+    predicted = trainer.predict(model, datamodule=dm)
+    assert [k for keys in predicted for k in keys] == [f"img{i:03d}" for i in range(5)]
 
 
 class _GatherKeys(_Probe):

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +13,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
-from dcssdae.cli import main
 from dcssdae.data import TrainShards, _PositionedLoader
 from dcssdae.shards import Item, write_shards
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "tests" / "configs" / "cpu_tiny.yaml"
 
 
 def jpeg(w: int, h: int, seed: int) -> bytes:
@@ -68,23 +63,12 @@ class SigtermAt(Callback):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    work = tmp_path_factory.mktemp("resume")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DCSSDAE_DATA", str(work / "data"))
-        mp.chdir(work)
-        from dcssdae.photos import ensure_default_photos
-
-        ensure_default_photos()
-        yield work
-
-
-def args(name: str, max_steps: int) -> list[str]:
-    # 4 batches per epoch, so 6 steps cross an epoch boundary; validation every 2 batches swaps the EMA in and out.
-    return ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", str(TINY),
-            "--trainer.default_root_dir", f"runs/{name}", "--checkpoint.dirpath", f"runs/{name}/checkpoints",
-            "--trainer.max_steps", str(max_steps), "--data.train_epoch_size", "8", "--data.num_workers", "2",
-            "--model.init_args.warmup_steps", "2", "--model.init_args.lr", "1e-3"]
+def fit(tiny_cli):
+    """`fit(NAME, MAX_STEPS, *EXTRA)` -> exit code: 4 batches per epoch, so 6 steps cross an epoch boundary; validation
+    every 2 batches swaps the EMA in and out."""
+    return lambda name, max_steps, *extra: tiny_cli(
+        "fit", name, "--trainer.max_steps", str(max_steps), "--data.train_epoch_size", "8", "--data.num_workers", "2",
+        "--model.init_args.warmup_steps", "2", "--model.init_args.lr", "1e-3", *extra)
 
 
 def final_state(name: str) -> dict:
@@ -107,24 +91,24 @@ def assert_same(a, b, path=""):
 
 
 @pytest.fixture(scope="module")
-def straight(workdir):
+def straight(fit):
     """The uninterrupted run: 6 steps."""
-    main(args("straight", 6))
+    assert fit("straight", 6) == 0
     return final_state("straight")
 
 
 @pytest.mark.parametrize("step, in_validation", [(3, False), (2, True)])
-def test_sigterm_then_resume_matches_an_uninterrupted_run(straight, step, in_validation):
+def test_sigterm_then_resume_matches_an_uninterrupted_run(fit, straight, step, in_validation):
     # (3, False): mid-epoch 0 (batch 3 of 4), after a validation at step 2. (2, True): during that validation,
     # while the EMA weights are swapped into the model.
     name = f"stopped_{step}_{in_validation}"
     signal_at = {"class_path": f"{__name__}.SigtermAt", "init_args": {"step": step, "in_validation": in_validation}}
-    code = main(args(name, 1000) + ["--config", json.dumps({"trainer": {"callbacks": [signal_at]}})])
+    code = fit(name, 1000, "--config", json.dumps({"trainer": {"callbacks": [signal_at]}}))
     assert code == 143  # pre-empted (128 + SIGTERM), after PreemptionCheckpoint wrote last.ckpt
     stopped = final_state(name)
     assert stopped["global_step"] == step and stopped["ImageNetDataModule"]["train_position"] == [0, step]
 
-    assert main(args(name, 6) + ["--ckpt_path", "last"]) == 0
+    assert fit(name, 6, "--ckpt_path", "last") == 0
     resumed = final_state(name)
     assert straight["global_step"] == resumed["global_step"] == 6
     assert straight["ImageNetDataModule"] == resumed["ImageNetDataModule"]  # data position (epoch 1, batch 2)

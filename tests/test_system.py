@@ -1,5 +1,6 @@
-"""DCSSDAESystem / DistillSystem / callbacks without the CLI: what trains, the optimiser groups, init_from, the EMA
-and its place in checkpoints, one-step distillation targets. Tiny presets, random in-memory images."""
+"""DCSSDAESystem / DistillSystem / callbacks without the CLI: what trains, the optimiser groups, per-rank noise,
+init_from and unreadable weight files, the EMA and its place in checkpoints, one-step distillation targets,
+predictions. Tiny presets, random in-memory images."""
 
 import copy
 import fnmatch
@@ -7,13 +8,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dcssdae.autoencoder import DCSSDAE, load_weights
+from dcssdae.autoencoder import DCSSDAE, WeightsFileError, load_weights
 from dcssdae.callbacks import EMA
+from dcssdae.checkpointing import StepSeed
 from dcssdae.corruption import FlowMatching
 from dcssdae.decoder import build_decoder
 from dcssdae.distill import DistillSystem
@@ -131,6 +135,46 @@ def test_kl_only_when_the_encoder_trains():
 
 
 # ------------------------------------------------------------------------------------------------
+# Noise: every DDP rank draws its own, reproducibly per (seed, rank, step).
+
+
+def test_every_rank_draws_its_own_noise_reproducibly_per_seed_rank_and_step(monkeypatch):
+    """StepSeed (always on in the CLI) reseeds before each training batch from (seed, rank, epoch, batch index): the
+    corruption noise and levels of training_step differ between ranks and steps, and repeat for the same inputs."""
+    model = DCSSDAESystem(**{**TINY, "loss_weights": LossWeights(stlpips=0.0, repa=0.0)})
+    batch = {"image": RandomImages(2)[0]["image"][None].repeat(2, 1, 1, 1)}
+    drawn, corrupt = [], model.corruption.corrupt
+    monkeypatch.setattr(model.corruption, "corrupt", lambda x, noise, level: drawn.append((noise, level))
+                        or corrupt(x, noise, level))
+
+    def draw(seed: int, rank: int, batch_idx: int, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        trainer = SimpleNamespace(global_rank=rank, current_epoch=epoch)  # all StepSeed reads of the trainer
+        StepSeed(seed).on_train_batch_start(trainer, model, batch, batch_idx)
+        model.training_step(batch, batch_idx)
+        return drawn[-1]
+
+    noise, level = draw(seed=0, rank=0, batch_idx=5)
+    for other in (draw(0, 1, 5), draw(0, 0, 6), draw(0, 0, 5, epoch=1), draw(1, 0, 5)):  # rank, step, epoch, seed
+        assert not torch.equal(other[0], noise) and not torch.equal(other[1], level)
+    again = draw(0, 0, 5)
+    assert torch.equal(again[0], noise) and torch.equal(again[1], level)
+    assert not torch.equal(draw(0, 1, 5)[0], draw(0, 2, 5)[0])
+
+    # Without StepSeed (the Python API with seed_everything: the same seed on every rank), on_train_start offsets the
+    # seed by the rank.
+    def first_draw(rank: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model._trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        model.on_train_start()
+        model._trainer = None
+        model.training_step(batch, 0)
+        return drawn[-1][0]
+
+    assert not torch.equal(first_draw(0), first_draw(1))
+    assert torch.equal(first_draw(1), first_draw(1))
+
+
+# ------------------------------------------------------------------------------------------------
 # init_from: weights of an earlier phase.
 
 
@@ -160,6 +204,32 @@ def test_from_pretrained_rejects_a_non_dcssdae_checkpoint(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="not a checkpoint written by"):
         load_weights(tmp_path / "other.ckpt")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_unreadable_weight_files_give_a_short_error_naming_the_file(tmp_path):
+    good = save_checkpoint(DCSSDAE("tiny-f32c8", "tiny"), tmp_path / "good.ckpt").read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(good[: len(good) // 2])
+    (tmp_path / "junk.ckpt").write_bytes(b"junk, not a checkpoint")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    torch.save({"payload": _Payload()}, tmp_path / "pickled.ckpt")
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    (export / "model.safetensors").write_bytes(b"junk")
+    cases = {"truncated.ckpt": "PytorchStreamReader failed", "junk.ckpt": "", "empty.ckpt": "EOFError",
+             "pickled.ckpt": "holds Python objects other than weights", "export": "model.safetensors: SafetensorError"}
+    for name, reason in cases.items():
+        with pytest.raises(WeightsFileError, match=f"cannot read {tmp_path / name}.*{reason}") as info:
+            DCSSDAE.from_pretrained(tmp_path / name)
+        message = str(info.value)
+        assert "\n" not in message and len(message) < 400, message  # not torch's page-long unpickling message
+        assert "expected a Lightning .ckpt written by `dcssdae fit`" in message
+        assert info.value.__cause__ is not None  # the original error, for the traceback
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,6 +299,7 @@ def test_distill_student_learns_teachers_n_step_sample_from_the_same_noise(tmp_p
     model._trainer = None
     x = RandomImages(2)[0]["image"][None].repeat(2, 1, 1, 1)
     loss = model.training_step({"image": x}, 0)
+    assert set(model.last_terms) == {"distill", "stlpips"}  # its own term (weight loss_weights.distill), and LPIPS
     (fn, noise, method, settings), = calls
     assert fn is model.teacher.decoder and method == "gd" and settings["steps"] == 3
     assert torch.equal(decoder_inputs[0], noise)  # the student sees the teacher's noise, once
@@ -256,3 +327,39 @@ def test_validation_noise_is_the_same_every_time(tmp_path):
     second = trainer.validate(model, loader(2), verbose=False)[0]
     assert first["val/psnr"] == second["val/psnr"]
     assert (tmp_path / "validate_metrics.json").is_file()  # `dcssdae validate` writes its metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# Predictions (`dcssdae predict`).
+
+
+class KeyedImages(RandomImages):
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "key": f"photos/img{i}"}
+
+
+def test_predict_returns_reconstructions_and_writes_input_reconstruction_pngs(tmp_path):
+    model = DCSSDAESystem(**{**TINY, "loss_weights": LossWeights(stlpips=0.0, repa=0.0)})
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    images = DataLoader(KeyedImages(3), batch_size=2)
+    written = trainer.predict(model, images)
+    assert [p["key"] for p in written] == [["photos/img0", "photos/img1"], ["photos/img2"]]
+    assert all("x_hat" not in p for p in written)  # dropped once written: predicting 50k images holds no images
+    pngs = sorted((tmp_path / "reconstructions").glob("*.png"))
+    assert [p.name for p in pngs] == ["photos_img0.png", "photos_img1.png", "photos_img2.png"]
+    assert written[0]["png"] == [str(pngs[0]), str(pngs[1])]
+
+    model.predict_dir = None  # the Python API: the reconstructions themselves, as validation makes them
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path / "python_api")
+    (first, second) = trainer.predict(model, images)
+    assert not (tmp_path / "python_api").exists()  # nothing written
+    assert first["x_hat"].shape == (2, 3, 64, 64) and second["x_hat"].shape == (1, 3, 64, 64)
+    assert first["x_hat"].abs().max() <= 1 and first["nfe"].tolist() == [1, 1]
+    assert first["psnr"].shape == (2,) and torch.isfinite(first["psnr"]).all()
+    from dcssdae.metrics import quantize_uint8
+
+    png = torch.from_numpy(np.asarray(Image.open(pngs[0]))).permute(2, 0, 1)  # (3, 64, 128): input | reconstruction
+    assert torch.equal(png[:, :, :64], quantize_uint8(KeyedImages(3)[0]["image"]))
+    assert torch.equal(png[:, :, 64:], quantize_uint8(first["x_hat"][0]))
