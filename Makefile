@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 RUNS        ?= runs
 PHASE3_CKPT ?= $(RUNS)/phase3/checkpoints/last.ckpt
 
-.PHONY: install test test-fast bench quickstart distill lint clean
+.PHONY: install test test-fast bench bench-quality quickstart distill lint clean
 
 install:
 	python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]'
@@ -22,6 +22,10 @@ bench:
 	$(PY) benchmarks/bench_networks.py
 	$(PY) benchmarks/bench_samplers.py
 	$(PY) benchmarks/bench_loader.py
+
+bench-quality:   # EqM vs FM at equal budget on the default photos (~30 min on 2 cores); PNGs in runs/bench_quality
+	$(PY) benchmarks/bench_quality.py train --steps 500 --evals 4 --out $(RUNS)/bench_quality
+	$(PY) benchmarks/bench_quality.py evaluate --runs $(RUNS)/bench_quality --crops 4 --nfe-crops 1
 
 quickstart:
 	$(PY) -m dcssdae.cli fit --config configs/quickstart.yaml
