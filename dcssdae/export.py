@@ -201,6 +201,17 @@ def _read_image(path: Path, size: int):
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
+def save_pair_png(x_u8: torch.Tensor, x_hat_u8: torch.Tensor, path: Path) -> None:
+    """Writes one image and its reconstruction, (3, S, S) uint8 each, side by side as `path` (PNG, atomically).
+    The layout of `dcssdae reconstruct` and `dcssdae predict`."""
+    from PIL import Image
+
+    side_by_side = torch.cat([x_u8, x_hat_u8], dim=2).permute(1, 2, 0).cpu().numpy()  # (S, 2S, 3)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(side_by_side).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
 def _unique_name(stem: str, taken: set[str]) -> str:
     name, i = stem, 1
     while name in taken:
@@ -226,8 +237,6 @@ def reconstruct_files(
     Unreadable files are reported through `log` and skipped. PSNR is on the 8-bit images, as in
     `dcssdae.metrics`. The noise comes from a CPU generator seeded with `seed` (same result on any device).
     """
-    from PIL import Image
-
     from dcssdae.metrics import psnr_uint8, quantize_uint8
 
     f = model.downsample_factor
@@ -256,10 +265,7 @@ def reconstruct_files(
         psnr, _ = psnr_uint8(x_hat_u8, x_u8)
         for (path, _), a, b, p in zip(batch, x_u8, x_hat_u8, psnr.tolist()):
             out = out_dir / (_unique_name(path.stem, taken) + ".png")
-            side_by_side = torch.cat([a, b], dim=2).permute(1, 2, 0).numpy()  # (S, 2S, 3): input | reconstruction
-            tmp = out.with_name(f".{out.name}.tmp")
-            Image.fromarray(side_by_side).save(tmp, format="PNG")
-            os.replace(tmp, out)
+            save_pair_png(a, b, out)
             done.append((path, p, out))
             log(f"{path}: PSNR {p:.2f} dB -> {out}")
     return done, failed

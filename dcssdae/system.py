@@ -29,10 +29,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from PIL import Image
 from torch import nn
 
 from dcssdae.autoencoder import DCSSDAE, build_corruption, corruption_config, load_weights
@@ -400,11 +398,13 @@ class ReconstructionWriter(pl.Callback):
 
     def on_predict_batch_end(self, trainer, pl_module, prediction, batch, batch_idx, dataloader_idx=0) -> None:
         # (Lightning calls this before it keeps `prediction` for the return value of trainer.predict.)
-        pairs = torch.cat([quantize_uint8(batch["image"]), quantize_uint8(prediction.pop("x_hat"))], dim=3)
+        from dcssdae.export import save_pair_png
+
+        x_u8, x_hat_u8 = quantize_uint8(batch["image"]), quantize_uint8(prediction.pop("x_hat"))
         paths = []
-        for key, pair in zip(prediction["key"], pairs.permute(0, 2, 3, 1).cpu().numpy()):  # (S, 2S, 3) each
+        for key, a, b in zip(prediction["key"], x_u8, x_hat_u8):
             path = self.out_dir / (str(key).replace("/", "_").replace("\\", "_") + ".png")
-            Image.fromarray(np.ascontiguousarray(pair)).save(path)
+            save_pair_png(a, b, path)
             paths.append(str(path))
         prediction["png"] = paths
         self.written += len(paths)
