@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import json
 import math
 import os
 import threading
@@ -60,6 +59,7 @@ import torch.nn.functional as F
 from dcssdae.autoencoder import DCSSDAE
 from dcssdae.encoder import Posterior
 from dcssdae.losses import LossWeights, kl_loss
+from dcssdae.metrics import write_json
 from dcssdae.sampling import sample
 
 REFERENCES = ("dc-ae", "sd-vae")
@@ -455,17 +455,6 @@ def print_table(rows: list[dict]) -> None:
               f"{_fmt(r['mem_x_dc_ae'], '.2f', 9)} {_fmt(r['mem_x_sd_vae'], '.2f', 10)}")  # fmt: skip
 
 
-def write_json(path: str, meta: dict, rows: list[dict]) -> None:
-    """Atomically: a temporary file beside `path`, then os.replace."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"settings": meta, "rows": rows}, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def print_attention_bias(decoder, sides: list[int], batch: int, dtype: torch.dtype, backend: str) -> None:
     """Size of the window bias of the middle transformer: (1, heads, N, N) per block, shared by the batch."""
     heads, depth, nbytes, mib = decoder.mid_heads, decoder.mid_depth, torch.finfo(dtype).bits // 8, 2**20
@@ -614,7 +603,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"torch {torch.__version__}; memory = peak working memory of one call (see module docstring)\n")  # fmt: skip
     print_table(rows)
     if args.json:
-        write_json(args.json, meta, rows)
+        write_json({"settings": meta, "rows": rows}, args.json)  # atomic
         print(f"\nrows written to {args.json}")
     print_attention_bias(models[0].ae.decoder, sorted(set(args.sizes) | {256, 512}), args.batch, dtype,
                          args.attention_backend)  # fmt: skip

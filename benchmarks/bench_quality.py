@@ -46,7 +46,6 @@ tests/configs/cpu_tiny.yaml --steps 4 --evals 2`, then `evaluate --crops 2 --nfe
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import random
@@ -359,15 +358,6 @@ def _short(values: dict[str, Any]) -> str:
     return "  ".join(f"{n} {values[n]:.4f}" for n in names if n in values)
 
 
-def _finite(tree: Any) -> Any:
-    """nan / inf -> None everywhere in a JSON tree (write_json cleans only the top level)."""
-    if isinstance(tree, dict):
-        return {str(k): _finite(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [_finite(v) for v in tree]
-    return None if isinstance(tree, float) and not math.isfinite(tree) else tree
-
-
 # ------------------------------------------------------------------------------------------------
 # Figures and tables.
 
@@ -487,7 +477,7 @@ def format_tables(results: dict[str, Any]) -> str:
 
 
 def main_evaluate(args: argparse.Namespace) -> int:
-    from dcssdae.metrics import ReconstructionMetrics, write_json
+    from dcssdae.metrics import ReconstructionMetrics, finite_or_none, write_json
 
     runs_dir, out = Path(args.runs), Path(args.out or args.runs)
     paths = [runs_dir / f"{o}.pt" for o in OBJECTIVES if (runs_dir / f"{o}.pt").is_file()]
@@ -521,7 +511,7 @@ def main_evaluate(args: argparse.Namespace) -> int:
     for record in records:
         results["runs"][record["objective"]] = evaluate_run(record, x, x_nfe, args, metrics, metrics_nfe,
                                                                     device)
-    results = _finite(results)
+    results = finite_or_none(results)  # the plots and tables read None where a metric is nan
     out.mkdir(parents=True, exist_ok=True)
     write_json(results, out / "results.json")
     plot_steps(results, out / "quality_vs_steps.png")

@@ -39,6 +39,7 @@ import tempfile
 import types
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -435,9 +436,18 @@ def format_table(metrics: dict) -> str:
     return "\n".join(f"{label:<{width}}  {text:>{value_width}}  {note}".rstrip() for label, text, note in rows)
 
 
+def finite_or_none(tree: Any) -> Any:
+    """A JSON tree (dicts, lists, tuples) with every nan / inf float replaced by None (JSON null)."""
+    if isinstance(tree, dict):
+        return {str(k): finite_or_none(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [finite_or_none(v) for v in tree]
+    return None if isinstance(tree, float) and not math.isfinite(tree) else tree
+
+
 def write_json(metrics: dict, path: str | os.PathLike) -> Path:
-    """Write the metrics to `path` as JSON (atomically); nan and inf become null."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+    """Write `metrics` (any JSON tree) to `path` as JSON, atomically; nan and inf become null at any depth."""
+    clean = finite_or_none(metrics)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
