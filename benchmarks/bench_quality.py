@@ -262,7 +262,7 @@ def validation_crops(val_shards: str | list[str] | None, image_size: int, aug_sc
 
     if crops < 1:
         raise ValueError(f"--crops must be >= 1, got {crops}")
-    urls = expand_urls(ensure_default_photos()[1] if val_shards in (None, "default") else val_shards)
+    urls = expand_urls(ensure_default_photos()["val"] if val_shards in (None, "default") else val_shards)
     images, keys = [], []
     for url in urls:
         for sample in read_shard(url):

