@@ -181,7 +181,8 @@ class Ours(Benchmarked):
     def decode(self, z, noise, nfe):
         z = z / self.ae.latent_scale + self.ae.latent_shift  # as DCSSDAE.decode
         settings = self.ae.sampler_settings(steps=nfe, method="gd")  # eta = 1 / c(0) of this corruption
-        return sample(self.dec, noise, settings.pop("method"), context=(z,), **settings)[0]
+        fn = lambda x, z: self.ae.corruption.pred(x, self.dec(x, z))  # as DCSSDAE.pred
+        return sample(fn, noise, settings.pop("method"), context=(z,), **settings)[0]
 
     def loss(self, x):
         corruption = self.ae.corruption  # EqM, as dcssdae.system.DCSSDAESystem.training_step uses it
@@ -190,7 +191,7 @@ class Ours(Benchmarked):
         noise = torch.randn_like(x)
         level = corruption.sample_level(x)  # gamma ~ U[0, 1)
         x_t = corruption.corrupt(x, noise, level)
-        pred = self.dec(x_t, z, corruption.decoder_time(level))
+        pred = corruption.pred(x_t, self.dec(x_t, z, corruption.decoder_time(level)))
         target = corruption.target(x, noise, level)
         return self.weights.total(
             {corruption.name: corruption.loss(pred, target).mean(), "kl": kl_loss(posterior)}

@@ -44,14 +44,15 @@ def train_toy(steps: int, seed: int):
     for _ in range(steps):
         x = modes[torch.randint(4, (1024,))] + 0.1 * torch.randn(1024, 2)
         noise, gamma = torch.randn_like(x), eqm.sample_level(x)
-        loss = eqm.loss(net(eqm.corrupt(x, noise, gamma)), eqm.target(x, noise, gamma)).mean()
+        x_t = eqm.corrupt(x, noise, gamma)
+        loss = eqm.loss(eqm.pred(x_t, net(x_t)), eqm.target(x, noise, gamma)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         schedule.step()
     net.requires_grad_(False)
     noise = torch.randn(4000, 2, generator=torch.Generator().manual_seed(seed + 1))
-    return (lambda x: net(x)), (lambda x: torch.cdist(x, modes).min(dim=1).values), noise, ()
+    return (lambda x: eqm.pred(x, net(x))), (lambda x: torch.cdist(x, modes).min(dim=1).values), noise, ()
 
 
 def _photos(size: int) -> torch.Tensor:
@@ -85,7 +86,8 @@ def train_decoder(steps: int, seed: int, size: int, samples_per_image: int = 4):
         index = torch.randint(8, (16,))
         x, z = images[index], z_all[index]
         noise, gamma = torch.randn_like(x), eqm.sample_level(x)
-        loss = eqm.loss(decoder(eqm.corrupt(x, noise, gamma), z), eqm.target(x, noise, gamma)).mean()
+        x_t = eqm.corrupt(x, noise, gamma)
+        loss = eqm.loss(eqm.pred(x_t, decoder(x_t, z)), eqm.target(x, noise, gamma)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -98,7 +100,7 @@ def train_decoder(steps: int, seed: int, size: int, samples_per_image: int = 4):
     def error(x):
         return (x - target).flatten(1).square().mean(1).sqrt()
 
-    return decoder, error, noise, (z, target)
+    return (lambda x, z: eqm.pred(x, decoder(x, z))), error, noise, (z, target)
 
 
 # ----------------------------------------------------------------------------------------------------------------

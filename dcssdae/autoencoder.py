@@ -51,7 +51,11 @@ def corruption_config(corruption: Corruption) -> dict[str, Any]:
 
 
 def build_corruption(config: Corruption | dict[str, Any] | None) -> Corruption:
-    """A corruption object from itself, a {"class_path", "init_args"} dict, or None (EqM, linear decay)."""
+    """A corruption object from itself, a {"class_path", "init_args"} dict, or None (EqM, linear decay).
+
+    A saved EquilibriumMatching dict without `parameterization` (a checkpoint or export written before that option)
+    was trained with the network outputting the field: it is built with parameterization="field".
+    """
     if config is None:
         return EquilibriumMatching()
     if not isinstance(config, dict):
@@ -60,7 +64,10 @@ def build_corruption(config: Corruption | dict[str, Any] | None) -> Corruption:
     known = {"dcssdae.corruption.EquilibriumMatching", "dcssdae.corruption.FlowMatching"}
     if config["class_path"] not in known and module != "dcssdae.corruption":
         raise ValueError(f"unknown corruption {config['class_path']!r}; known: {sorted(known)}")
-    return getattr(importlib.import_module(module), name)(**config.get("init_args", {}))
+    init_args = dict(config.get("init_args") or {})
+    if config["class_path"] == "dcssdae.corruption.EquilibriumMatching":
+        init_args.setdefault("parameterization", "field")  # saved before the option existed: the old behaviour
+    return getattr(importlib.import_module(module), name)(**init_args)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,8 +205,13 @@ class DCSSDAE(nn.Module):
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape} for z of shape {tuple(z.shape)}, got {tuple(noise.shape)}")
         sampler = self.sampler_settings(steps, method, **settings)
-        x, nfe = sample(self.decoder, noise, sampler.pop("method"), context=(z,), **sampler)
+        x, nfe = sample(self.pred, noise, sampler.pop("method"), context=(z,), **sampler)
         return (x, nfe) if return_nfe else x
+
+    def pred(self, x_t: torch.Tensor, z: torch.Tensor, *time: torch.Tensor) -> torch.Tensor:
+        """The decoder's output as the corruption's prediction (EqM field f, FM velocity v) at x_t, given the raw
+        latent z (and FM's time t): the `fn` every sampler evaluates."""
+        return self.corruption.pred(x_t, self.decoder(x_t, z, *time))
 
     def reconstruct(self, x: torch.Tensor, **decode_kwargs) -> torch.Tensor:
         """decode(encode(x)) with the posterior mean."""

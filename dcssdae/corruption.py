@@ -4,7 +4,8 @@ swap them with a `class_path`:
 
     level  = corruption.sample_level(x)              # (B,)  EqM: gamma ~ U[0,1) ; FM: t ~ logit-normal
     x_t    = corruption.corrupt(x, noise, level)      # decoder input
-    pred   = decoder(x_t, z, corruption.decoder_time(level))
+    out    = decoder(x_t, z, corruption.decoder_time(level))
+    pred   = corruption.pred(x_t, out)                # EqM: the field f; FM: the velocity v
     loss   = corruption.loss(pred, corruption.target(x, noise, level))   # (B,) per-sample MSE
     x0_hat = corruption.to_x0(x_t, pred, level)       # one-step estimate for LPIPS / REPA
 
@@ -21,6 +22,8 @@ Sign convention (written once here, used everywhere in dcssdae):
 
 from typing import Literal
 
+PARAMETERIZATIONS = ("denoiser", "field")
+
 import torch
 
 DECAYS = ("linear", "truncated", "piecewise")
@@ -29,9 +32,9 @@ DECAYS = ("linear", "truncated", "piecewise")
 # * linear: 2. The linear decay's mean target power is E[c^2] * E|noise - x|^2 = lambda^2 / 3 * E|noise - x|^2; at
 #   lambda = sqrt(3) ~ 2 it equals the flow-matching target power E|x - noise|^2, so SSDD's auxiliary-loss weights
 #   (0.5 LPIPS, 0.25 REPA), tuned against the FM loss, keep their balance. (The EqM paper's lambda = 4 with its
-#   truncated decay gives E[c^2] = 13.9, 14x the FM power.) With this decay the ideal field of a single data point
-#   is exactly lambda * (x - x*) (see `EquilibriumMatching.step_to_data`), so one descent step of eta = 1 / lambda
-#   = 0.5 from pure noise lands on the data.
+#   truncated decay gives E[c^2] = 13.9, 14x the FM power.) With this decay the ideal field is exactly
+#   lambda * (y - E[x | y]) (see `EquilibriumMatching.step_to_data`), so one descent step of eta = 1 / lambda = 0.5
+#   from pure noise lands on the posterior mean E[x | noise]: on the data only when the data is a single point.
 # * truncated / piecewise: 4, as in the EqM paper and its code (with a = 0.8).
 DEFAULT_MULTIPLIER = {"linear": 2.0, "truncated": 4.0, "piecewise": 4.0}
 
@@ -59,6 +62,14 @@ class EquilibriumMatching:
 
     gamma ~ U[0, 1); x_gamma = gamma * x + (1 - gamma) * noise; target f* = (noise - x) * c(gamma); the decoder gets
     no time input. c(1) = 0, so the target field vanishes at the data (the equilibrium).
+
+    Denoiser parameterisation (`pred`): with the linear decay x_gamma - x = (1 - gamma) (noise - x), so
+    f* = lambda * (x_gamma - x) exactly, at every gamma. Writing the field as f = k * (x_gamma - D), k = c(0), with D
+    the network's output makes D the image prediction: x0_hat = D and the EqM loss is k^2 * |D - x|^2 (a denoiser
+    without a noise-level input), and a zero-initialised network starts at a grey image rather than at the noise.
+    For the truncated / piecewise decays f* = c(gamma) / (1 - gamma) * (x_gamma - x) depends on gamma, which the
+    network never sees, so there the form is a reparameterisation of the same field (any f can still be written
+    as k * (x_gamma - D)) and D equals x0_hat only where c(gamma) / (1 - gamma) = c(0), i.e. gamma = 0.
     """
 
     name = "eqm"
@@ -70,6 +81,7 @@ class EquilibriumMatching:
         multiplier: float | None = None,
         a: float = 0.8,
         b: float = 1.4,
+        parameterization: Literal["denoiser", "field"] = "denoiser",
     ):
         """
         Args:
@@ -81,7 +93,13 @@ class EquilibriumMatching:
                 (the EqM paper).
             a: where the truncated / piecewise decays start falling to 0, in (0, 1). EqM paper: 0.8.
             b: value of c(0) / lambda for the piecewise decay, > 0. EqM code: 1.4.
+            parameterization: what the network outputs. `denoiser`: an image D, and the field is
+                f = c(0) * (x_gamma - D) (exact for the linear decay: D is then x0_hat). `field`: f itself (the EqM
+                paper; the behaviour of configs saved before this option, which `build_corruption` keeps).
         """
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"unknown EqM parameterization {parameterization!r}; known: "
+                             f"{', '.join(PARAMETERIZATIONS)}")
         if decay not in DECAYS:
             raise ValueError(f"unknown EqM decay {decay!r}; known: {', '.join(DECAYS)}")
         multiplier = DEFAULT_MULTIPLIER[decay] if multiplier is None else float(multiplier)
@@ -92,9 +110,11 @@ class EquilibriumMatching:
         if not b > 0:
             raise ValueError(f"EqM piecewise value b must be > 0, got {b}")
         self.decay, self.multiplier, self.a, self.b = decay, multiplier, float(a), float(b)
+        self.parameterization = parameterization
 
     def __repr__(self) -> str:
-        return f"EquilibriumMatching(decay={self.decay!r}, multiplier={self.multiplier}, a={self.a}, b={self.b})"
+        return (f"EquilibriumMatching(decay={self.decay!r}, multiplier={self.multiplier}, a={self.a}, b={self.b}, "
+                f"parameterization={self.parameterization!r})")
 
     def sample_level(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """gamma ~ U[0, 1), one per sample: shape (B,), float32."""
@@ -117,9 +137,10 @@ class EquilibriumMatching:
 
         x_gamma - f* * (1 - gamma) / c(gamma) = x. Computed in closed form, so it stays finite at gamma = 1:
         1 / lambda for the linear decay (any gamma); (1 - a) / lambda above a for the truncated and piecewise decays.
-        For a single data point x* and the linear decay, E[c(gamma) / (1 - gamma) | x] = lambda whatever x is, so the
-        ideal field is exactly lambda * (x - x*) and one step of `step_to_data(0)` = 1 / lambda from pure noise is
-        exact: the default `eta` of the EqM samplers.
+        With the linear decay the ideal field is lambda * (y - E[x | y]), so one step of `step_to_data(0)` = 1 / lambda
+        lands on the posterior mean E[x | y]: on the data itself only for a point mass (a single data point x*,
+        where the field is exactly lambda * (y - x*)). Sampling schedules use it along a noise grid
+        (`dcssdae.sampling`, schedule "noise").
         """
         gamma = torch.as_tensor(gamma, dtype=torch.float32)
         if self.decay == "linear":
@@ -131,6 +152,12 @@ class EquilibriumMatching:
         """x_gamma = gamma * x + (1 - gamma) * noise."""
         gamma = _per_sample(level, x)
         return gamma * x + (1 - gamma) * noise
+
+    def pred(self, x_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The field f from the network output: `out` itself (`field`) or c(0) * (x_t - out) (`denoiser`)."""
+        if self.parameterization == "field":
+            return out
+        return (x_t - out) / self.step_to_data(0.0).item()  # k = c(0) = 1 / step_to_data(0), in closed form
 
     def target(self, x: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         """f* = (noise - x) * c(gamma): points away from the data; descent moves towards it."""
@@ -183,6 +210,10 @@ class FlowMatching:
         """x_t = (1 - t) * x + t * noise."""
         t = _per_sample(level, x)
         return (1 - t) * x + t * noise
+
+    def pred(self, x_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The network output is the velocity itself."""
+        return out
 
     def target(self, x: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         """Velocity v = x - noise (= -dx_t/dt)."""

@@ -7,7 +7,7 @@ loss is the objective's own loss at the pure-noise level (EqM gamma = 0, FM t = 
 standing in for the data, plus LPIPS between the two images:
 
     z = E(x);  x_teacher = sample_N(teacher, noise, z)                      # N evaluations, no gradient
-    pred = student(noise, z);  x_student = to_x0(noise, pred)               # the one-step decoder
+    pred = pred(noise, student(noise, z));  x_student = to_x0(noise, pred)  # the one-step decoder
     loss = w_distill * |pred - target(x_teacher, noise)|^2 + w_lpips * LPIPS(x_student, x_teacher)
 
 (For EqM the first term is c(0)^2 * |x_student - x_teacher|^2, for FM exactly |x_student - x_teacher|^2.) The terms are
@@ -63,10 +63,11 @@ class DistillSystem(DCSSDAESystem):
             z = self.teacher.encoder(x).mode()                              # same z for teacher and student
             noise = torch.randn_like(x)                                     # same noise for both
             settings = self.teacher.sampler_settings(steps=self.teacher_steps)
-            x_teacher, _ = sample(self.teacher.decoder, noise, settings.pop("method"), context=(z,), **settings)
+            x_teacher, _ = sample(self.teacher.pred, noise, settings.pop("method"), context=(z,), **settings)
         level = torch.full((x.shape[0],), 1.0 if isinstance(self.corruption, FlowMatching) else 0.0,
                            device=x.device)                                 # pure noise: FM t = 1, EqM gamma = 0
-        pred = self.ae.decoder(noise, z, self.corruption.decoder_time(level))   # one student evaluation
+        out = self.ae.decoder(noise, z, self.corruption.decoder_time(level))    # one student evaluation
+        pred = self.corruption.pred(noise, out)                             # field / velocity
         x_student = self.corruption.to_x0(noise, pred, level)
         target = self.corruption.target(x_teacher, noise, level)            # the teacher's sample as the data
         terms = {}

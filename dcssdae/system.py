@@ -3,7 +3,8 @@
 One training step is the data flow of the DC-SSDAE write-up (Sec. 3.2):
 
     x --encoder--> q(z|x) --sample--> z ----------------------------.
-    noise, level ~ corruption --> x_t = corrupt(x, noise, level) --decoder(x_t, z, t?)--> pred --> x0_hat
+    noise, level ~ corruption --> x_t = corrupt(x, noise, level) --decoder(x_t, z, t?)--> out
+    pred = corruption.pred(x_t, out) (field / velocity) --> x0_hat = to_x0(x_t, pred, level)
     loss = w_eqm * MSE(pred, target) + w_lpips * LPIPS(x0_hat, x) + w_repa * REPA(tokens, x) + w_kl * KL(q(z|x))
     (terms are logged by name: eqm or fm, lpips or stlpips, repa, kl; see dcssdae.losses.LossWeights)
 
@@ -235,7 +236,8 @@ class DCSSDAESystem(pl.LightningModule):
         x_t = self.corruption.corrupt(x, noise, level)                      # decoder input
         tokens_at = self.repa.block if self.repa is not None else None
         out = self.ae.decoder(x_t, z, self.corruption.decoder_time(level), return_tokens_at=tokens_at)
-        pred, tokens = out if tokens_at is not None else (out, None)        # field / velocity, (B, N, D)
+        out, tokens = out if tokens_at is not None else (out, None)         # network output, (B, N, D)
+        pred = self.corruption.pred(x_t, out)                               # field / velocity
         x0_hat = self.corruption.to_x0(x_t, pred, level)                    # one-step estimate of x
         target = self.corruption.target(x, noise, level)
         terms = {self.corruption.name: self.corruption.loss(pred, target).mean()}   # "eqm" or "fm"

@@ -87,6 +87,7 @@ def test_eqm_default_multiplier_per_decay():
         ({"a": 1.0}, r"a must lie in \(0, 1\)"),
         ({"a": 0.0}, r"a must lie in \(0, 1\)"),
         ({"b": 0.0}, "b must be > 0"),
+        ({"parameterization": "velocity"}, "unknown EqM parameterization 'velocity'; known: denoiser, field"),
     ],
 )
 def test_eqm_argument_errors(kwargs, message):
@@ -138,3 +139,90 @@ def test_instantiable_from_yaml_class_path():
     assert (corruption.decay, corruption.a, corruption.multiplier) == ("truncated", 0.7, 4.0)
     config = parser.parse_string("corruption:\n  class_path: dcssdae.corruption.FlowMatching\n")
     assert isinstance(parser.instantiate_classes(config).corruption, FlowMatching)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The network output as the prediction: EqM's denoiser / field parameterisations, FM's velocity.
+
+
+@pytest.mark.parametrize("multiplier", [2.0, 3.0])
+def test_denoiser_form_under_the_linear_decay_predicts_the_image(multiplier):
+    """f = lambda * (x_gamma - out): x0_hat is the output itself and the EqM loss is lambda^2 * MSE(out, x)."""
+    x, noise = _batch()
+    out = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    eqm = EquilibriumMatching("linear", multiplier=multiplier)
+    assert eqm.parameterization == "denoiser"
+    gamma = torch.tensor([0.0, 0.2, 0.5, 0.9, 0.999])
+    x_t = eqm.corrupt(x, noise, gamma)
+    pred = eqm.pred(x_t, out)
+    torch.testing.assert_close(pred, multiplier * (x_t - out))
+    torch.testing.assert_close(eqm.to_x0(x_t, pred, gamma), out, atol=1e-5, rtol=1e-5)
+    loss = eqm.loss(pred, eqm.target(x, noise, gamma))
+    torch.testing.assert_close(loss, multiplier**2 * (out - x).square().mean(dim=(1, 2, 3)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decay", DECAYS)
+def test_denoiser_form_of_every_decay_uses_k_equal_c0(decay):
+    """k = c(0) = 1 / step_to_data(0); at gamma = 0 x0_hat is the output for every decay."""
+    x, noise = _batch()
+    out = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    eqm = EquilibriumMatching(decay)
+    c0 = eqm.c(0.0).item()
+    torch.testing.assert_close(eqm.pred(noise, out), c0 * (noise - out))
+    zero = torch.zeros(5)
+    torch.testing.assert_close(eqm.to_x0(noise, eqm.pred(noise, out), zero), out, atol=1e-5, rtol=1e-5)
+
+
+def test_field_form_and_flow_matching_pass_the_output_through():
+    x, noise = _batch()
+    assert EquilibriumMatching(parameterization="field").pred(x, noise) is noise
+    assert FlowMatching().pred(x, noise) is noise
+
+
+def test_zero_output_network_decodes_one_step_to_grey_not_noise():
+    """A zero-initialised denoiser lands on 0 (grey) in one step from noise; the field form stays at the noise."""
+    from dcssdae.sampling import sample
+
+    _, noise = _batch()
+    for parameterization, expected in (("denoiser", torch.zeros_like(noise)), ("field", noise)):
+        eqm = EquilibriumMatching(parameterization=parameterization)
+        fn = lambda x, eqm=eqm: eqm.pred(x, torch.zeros_like(x))
+        x, _ = sample(fn, noise, "one_step", eta=eqm.step_to_data(0.0).item())
+        torch.testing.assert_close(x, expected)
+
+
+def test_saved_configs_without_parameterization_build_the_field_form_and_new_ones_round_trip():
+    from dcssdae.autoencoder import build_corruption, corruption_config
+
+    old = {"class_path": "dcssdae.corruption.EquilibriumMatching",
+           "init_args": {"decay": "linear", "multiplier": 2.0, "a": 0.8, "b": 1.4}}
+    assert build_corruption(old).parameterization == "field"
+    assert build_corruption({"class_path": "dcssdae.corruption.EquilibriumMatching"}).parameterization == "field"
+    assert build_corruption(None).parameterization == "denoiser"
+    for corruption in (EquilibriumMatching(), EquilibriumMatching("truncated", parameterization="field"),
+                       FlowMatching(logit_mean=0.5)):
+        config = corruption_config(corruption)
+        rebuilt = build_corruption(config)
+        assert repr(rebuilt) == repr(corruption) and corruption_config(rebuilt) == config
+
+
+def test_fresh_autoencoder_decodes_to_grey_and_an_old_config_keeps_the_field_form():
+    """The decoder's output layer starts at zero: a new (denoiser) model decodes to 0 in one step, not to noise;
+    a config saved before `parameterization` existed rebuilds the field form, and a new one round-trips."""
+    from dcssdae.autoencoder import DCSSDAE
+
+    torch.manual_seed(0)
+    model = DCSSDAE("tiny-f8c4", "tiny").eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    noise = torch.randn_like(x)
+    with torch.no_grad():
+        x_hat = model.decode(model.encode(x), noise=noise, steps=1)
+        torch.testing.assert_close(x_hat, torch.zeros_like(x))
+        config = model.config()
+        assert config["corruption"]["init_args"]["parameterization"] == "denoiser"
+        assert DCSSDAE.from_config(config).corruption.parameterization == "denoiser"
+        del config["corruption"]["init_args"]["parameterization"]
+        old = DCSSDAE.from_config(config)
+        old.load_state_dict(model.state_dict())
+        assert old.corruption.parameterization == "field"
+        torch.testing.assert_close(old.decode(old.encode(x), noise=noise, steps=1), noise)

@@ -301,7 +301,7 @@ def test_distill_student_learns_teachers_n_step_sample_from_the_same_noise(tmp_p
     loss = model.training_step({"image": x}, 0)
     assert set(model.last_terms) == {"distill", "stlpips"}  # its own term (weight loss_weights.distill), and LPIPS
     (fn, noise, method, settings), = calls
-    assert fn is model.teacher.decoder and method == "gd" and settings["steps"] == 3
+    assert fn == model.teacher.pred and method == "gd" and settings["steps"] == 3
     assert torch.equal(decoder_inputs[0], noise)  # the student sees the teacher's noise, once
     assert len(decoder_inputs) == 1
     loss.backward()
