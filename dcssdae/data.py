@@ -164,11 +164,29 @@ def _resize_crop(img: Image.Image, resized: tuple[int, int], left: int, top: int
     return img.resize((size, size), Image.BICUBIC, box=box)
 
 
-def train_transform(img: Image.Image, size: int, aug_scale: float, rng: random.Random) -> Image.Image:
-    """Short side scaled to s ~ U[size, size * aug_scale], random size x size crop, flip with p = 1/2."""
+def color_matrix(hue: float, saturation: float) -> np.ndarray:
+    """3x3 RGB matrix that rotates hue by `hue` radians about the grey axis and scales saturation (the distance
+    from that axis) by `saturation`: M = P + saturation * R (I - P), P the projection on (1, 1, 1) / sqrt(3), R the
+    rotation about it (Rodrigues' formula). Grey stays grey; brightness (the channel mean) is kept."""
+    k = np.full(3, 1 / math.sqrt(3))
+    p = np.outer(k, k)
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    rotation = math.cos(hue) * np.eye(3) + math.sin(hue) * cross + (1 - math.cos(hue)) * p
+    return p + saturation * rotation @ (np.eye(3) - p)
+
+
+def train_transform(img: Image.Image, size: int, aug_scale: float, rng: random.Random,
+                    aug_color: float = 0.0) -> Image.Image:
+    """Short side scaled to s ~ U[size, size * aug_scale], random size x size crop, flip with p = 1/2; with
+    aug_color = a > 0, hue rotated by U[-pi a, pi a] and saturation scaled by exp(U[-a, a]) (`color_matrix`)."""
     w, h = _resized_size(img, round(rng.uniform(size, size * aug_scale)))
     img = _resize_crop(img, (w, h), rng.randint(0, w - size), rng.randint(0, h - size), size)
-    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+    img = img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+    if aug_color > 0:
+        matrix = color_matrix(rng.uniform(-math.pi, math.pi) * aug_color, math.exp(rng.uniform(-1, 1) * aug_color))
+        rgb = np.asarray(img, dtype=np.float32) @ matrix.T.astype(np.float32)
+        img = Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
+    return img
 
 
 def val_transform(img: Image.Image, size: int) -> Image.Image:
@@ -397,6 +415,7 @@ class TrainShards(IterableDataset):
         image_size: crop side S.
         aug_scale: short side drawn uniformly in [S, S * aug_scale] before the crop (1 = no zoom).
         batch_size: images per batch (always full).
+        aug_color: colour augmentation strength (`train_transform`; 0 = none).
         batches_per_rank: batches per epoch on this rank (a multiple of the number of workers).
         shuffle_buffer: samples (still encoded) held per worker for shuffling.
         seed: base seed.
@@ -413,8 +432,10 @@ class TrainShards(IterableDataset):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         rank: int | None = None,
+        aug_color: float = 0.0,
     ):
         self.urls = expand_urls(urls)
+        self.aug_color = aug_color
         self.image_size, self.aug_scale, self.batch_size = image_size, aug_scale, batch_size
         self.batches_per_rank, self.shuffle_buffer, self.seed = batches_per_rank, shuffle_buffer, seed
         self.rank = _dist_rank_world(None, None)[0] if rank is None else rank
@@ -484,7 +505,7 @@ class TrainShards(IterableDataset):
                                             f"{key} of {url}: {e}); are these image shards?") from None
                 continue
             in_a_row = 0
-            images.append(train_transform(img, self.image_size, self.aug_scale, rng))
+            images.append(train_transform(img, self.image_size, self.aug_scale, rng, self.aug_color))
             labels.append(label)
             keys.append(sample["__key__"])
             if len(images) == self.batch_size:
@@ -548,6 +569,7 @@ class ImageNetDataModule(L.LightningDataModule):
         image_size: int = 256,
         val_image_size: int | None = None,
         aug_scale: float = 1.0,
+        aug_color: float = 0.0,
         batch_size: int = 32,
         val_batch_size: int | None = None,
         num_workers: int = 8,
@@ -570,6 +592,9 @@ class ImageNetDataModule(L.LightningDataModule):
                 random S crop. 1.0 (default) crops at the scale validation sees. SSDD's phase 1 used 2.0 at
                 128 px, where ImageNet photos (short side ~350 px) are still downscaled; at 256 px a factor 2
                 would upsample most ImageNet photos, so each recipe sets it.
+            aug_color: colour augmentation of training crops: hue rotated by U[-pi a, pi a] about the grey axis,
+                saturation scaled by exp(U[-a, a]); 0 (default): none. For small photo sets whose palette is
+                narrow (the default photos: 0.5); ImageNet recipes leave it at 0.
             batch_size: training images per batch on each rank.
             val_batch_size: validation images per batch on each rank (default: `batch_size`).
             num_workers: DataLoader worker processes per rank (decoding and augmentation run there).
@@ -595,6 +620,9 @@ class ImageNetDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.train_shards, self.val_shards = train_shards, val_shards
         self.image_size, self.aug_scale = image_size, aug_scale
+        if aug_color < 0:
+            raise ValueError(f"aug_color must be >= 0, got {aug_color}")
+        self.aug_color = aug_color
         self.val_image_size = val_image_size or image_size
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
@@ -663,6 +691,7 @@ class ImageNetDataModule(L.LightningDataModule):
             buffer,
             self.seed,
             rank,
+            self.aug_color,
         )
         return _PositionedLoader(
             dataset,

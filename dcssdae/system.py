@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +72,7 @@ class DCSSDAESystem(pl.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
         val_steps: int | None = None,
         val_rfid: bool = True,
         val_lpips: str | list[str] | None = "lpips",
@@ -108,6 +110,8 @@ class DCSSDAESystem(pl.LightningModule):
             weight_decay: decoupled weight decay of matrices/convolutions (not of norms, biases, embeddings).
             betas: Adam betas.
             warmup_steps: linear learning-rate warm-up (AdamW only).
+            lr_schedule: after the warm-up, "constant" or "cosine" (half a cosine from lr to 0 at trainer.max_steps;
+                for short runs such as the quick-start). AdamW only.
             val_steps: sampler steps for validation (None: the sampler's; 1: the one-step decoder).
             val_rfid: compute rFID at validation (TF-Inception; meaningful on >= 10k images).
             val_lpips: perceptual metric(s) at validation: "lpips", "stlpips_alex" (or "stlpips"), "stlpips_vgg", a
@@ -135,7 +139,7 @@ class DCSSDAESystem(pl.LightningModule):
         self.trainable = list(trainable or ["*"])
         self.init_from = init_from
         self.optimizer_name, self.lr, self.weight_decay, self.betas = optimizer, lr, weight_decay, tuple(betas)
-        self.warmup_steps = warmup_steps
+        self.warmup_steps, self.lr_schedule = warmup_steps, lr_schedule
         self.val_steps, self.val_seed = val_steps, val_seed
         self.predict_dir = predict_dir
 
@@ -354,8 +358,17 @@ class DCSSDAESystem(pl.LightningModule):
 
             return schedulefree.RAdamScheduleFree(groups, lr=self.lr, betas=self.betas)
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
-        warmup = max(1, self.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        warmup, total = max(1, self.warmup_steps), self.trainer.max_steps if self._trainer is not None else -1
+        if self.lr_schedule == "cosine" and (total is None or total <= warmup):
+            raise ValueError(f"lr_schedule 'cosine' decays to 0 at trainer.max_steps: set max_steps > warmup_steps "
+                             f"({warmup}), got {total}")
+
+        def factor(step: int) -> float:  # step = optimiser steps taken so far
+            if step < warmup or self.lr_schedule == "constant":
+                return min(1.0, (step + 1) / warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # Schedule-free optimisers evaluate at their averaged iterate: switch them around validation. These hooks run

@@ -1,0 +1,135 @@
+"""Score several trained models and the bicubic baseline on the same held-out images; write a table and a picture.
+
+    python benchmarks/compare_models.py \
+        --model "phase 1=runs/cpu/phase1/checkpoints/last.ckpt" \
+        --model "student, 1 step=runs/cpu/distill/checkpoints/last.ckpt@1" \
+        --val-shards default --size 256 --out docs/cpu_recipe
+
+Each `--model LABEL=PATH[@STEPS]` is a `.ckpt` from `dcssdae fit` (its EMA weights) or an export folder, decoded with
+its configured sampler (`@STEPS` replaces the number of steps; `@1` is the one-step decoder). Every model sees the
+same images and the same decoder noise (fixed seed). The baseline is bicubic resampling at the first model's latent
+budget (`dcssdae.baselines`). Writes OUT.json (every metric, per model), OUT.md (a Markdown table) and OUT.png
+(rows: images; columns: input, each model, bicubic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dcssdae.autoencoder import DCSSDAE
+from dcssdae.baselines import baseline
+from dcssdae.data import ImageNetDataModule
+from dcssdae.metrics import ReconstructionMetrics, format_table, quantize_uint8, write_json
+
+COLUMNS = [("num_images", "images", "{:d}"), ("nfe", "NFE", "{:.0f}"), ("psnr", "PSNR dB", "{:.2f}"),
+           ("ssim", "SSIM", "{:.3f}"), ("stlpips_alex", "ST-LPIPS Alex", "{:.3f}"),
+           ("stlpips_vgg", "ST-LPIPS VGG", "{:.3f}"), ("stlpips", "ST-LPIPS mean", "{:.3f}"),
+           ("rfid", "rFID (relative)", "{:.1f}")]
+
+
+def parse_model(spec: str) -> tuple[str, str, int | None]:
+    """"LABEL=PATH[@STEPS]" -> (label, path, steps or None)."""
+    if "=" not in spec:
+        raise argparse.ArgumentTypeError(f"--model wants LABEL=PATH[@STEPS], got {spec!r}")
+    label, path = spec.split("=", 1)
+    steps = None
+    if "@" in path:
+        path, text = path.rsplit("@", 1)
+        steps = int(text)
+    return label.strip(), path.strip(), steps
+
+
+def markdown(results: dict[str, dict]) -> str:
+    cols = [c for c in COLUMNS if any(c[0] in r for r in results.values())]
+    lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for label, r in results.items():
+        cells = [c[2].format(r[c[0]]) if r.get(c[0]) is not None else "-" for c in cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", type=parse_model, required=True, help="LABEL=PATH[@STEPS]")
+    parser.add_argument("--val-shards", default="default", help="shards to score (default: the held-out photos; "
+                        "'default:crops' = 216 views of them)")
+    parser.add_argument("--size", type=int, default=256, help="image side (short side resized, centre crop)")
+    parser.add_argument("--batch", type=int, default=6)
+    parser.add_argument("--limit", type=int, default=None, help="score at most this many images")
+    parser.add_argument("--no-rfid", action="store_true")
+    parser.add_argument("--picture-rows", type=int, default=6, help="images shown in OUT.png")
+    parser.add_argument("--picture-size", type=int, default=192, help="side of each image in OUT.png")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the decoder noise")
+    parser.add_argument("--out", required=True, help="output prefix: writes OUT.json, OUT.md, OUT.png")
+    args = parser.parse_args(argv)
+
+    models = [(label, DCSSDAE.from_pretrained(path).eval(), steps, path) for label, path, steps in args.model]
+    first = models[0][1]
+    dm = ImageNetDataModule(val_shards=args.val_shards, train_shards="default", image_size=args.size,
+                            val_batch_size=args.batch, num_workers=0)
+    dm.setup("validate")
+    metrics = {label: ReconstructionMetrics(rfid=not args.no_rfid, lpips_variant=["stlpips_alex", "stlpips_vgg"])
+               for label in [m[0] for m in models] + ["bicubic"]}
+    shown: dict[str, list[torch.Tensor]] = {label: [] for label in ["input", *metrics]}
+    seconds = {label: 0.0 for label, *_ in models}
+    seen = 0
+    with torch.no_grad():
+        for batch_idx, batch in enumerate(dm.val_dataloader()):
+            x = batch["image"]
+            if args.limit is not None:
+                x = x[: max(0, args.limit - seen)]
+            if len(x) == 0:
+                break
+            generator = torch.Generator().manual_seed(args.seed + batch_idx)
+            noise = torch.randn(x.shape, generator=generator)
+            outputs = {}
+            for label, ae, steps, _ in models:
+                start = time.perf_counter()
+                x_hat, nfe = ae.decode(ae.encode(x), noise=noise, steps=steps, return_nfe=True)
+                seconds[label] += time.perf_counter() - start
+                outputs[label] = x_hat.clamp(-1, 1)
+                metrics[label].update(outputs[label], x, nfe)
+            outputs["bicubic"] = baseline("bicubic", x, first.latent_channels, first.downsample_factor)
+            metrics["bicubic"].update(outputs["bicubic"], x)
+            for label, images in [("input", x), *outputs.items()]:
+                shown[label].extend(images[: max(0, args.picture_rows - len(shown[label]))])
+            seen += len(x)
+            print(f"{seen} images", flush=True)
+
+    results = {label: m.compute() for label, m in metrics.items()}
+    for label, _, steps, path in models:
+        results[label].update(source=path, steps=steps, seconds_per_image=seconds[label] / max(seen, 1))
+    out = Path(args.out)
+    write_json({"val_shards": args.val_shards, "size": args.size, "seed": args.seed, "models": results},
+               out.with_suffix(".json"))
+    table = markdown(results)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(format_table(results[models[0][0]], {k: v for k, v in results.items() if k != models[0][0]},
+                       first=models[0][0]))
+    print(table)
+
+    # The picture: one row per image, one column per model.
+    side = args.picture_size
+    columns = list(shown)
+    rows = len(shown["input"])
+    sheet = Image.new("RGB", (side * len(columns), side * rows), "white")
+    for c, label in enumerate(columns):
+        for r, image in enumerate(shown[label]):
+            array = quantize_uint8(image).permute(1, 2, 0).numpy()
+            sheet.paste(Image.fromarray(np.ascontiguousarray(array)).resize((side, side), Image.LANCZOS),
+                        (c * side, r * side))
+    sheet.save(out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}, {out.with_suffix('.png')} "
+          f"(columns: {', '.join(columns)})")
+    return 0 if all(math.isfinite(r.get("psnr", math.nan)) for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
