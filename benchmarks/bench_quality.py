@@ -554,7 +554,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluate.add_argument("--crops", type=int, default=4, help="crops per validation image (crop 0: centre crop)")
     evaluate.add_argument("--nfe-crops", type=int, default=1, help="the NFE sweep uses the first N crops of each image")
     evaluate.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    evaluate.add_argument("--threshold", type=float, default=0.01, help="adaptive sampler: stop when RMS(f) < this")
+    evaluate.add_argument("--threshold", type=float, default=0.01,
+                          help="adaptive sampler: stop once x0_hat settles (dcssdae.sampling.adaptive)")
     evaluate.add_argument("--no-rfid", action="store_true", help="skip rFID (no Inception weights needed)")
     evaluate.add_argument("--lpips", choices=["stlpips", "lpips", "lpips_random"], default="stlpips",
                           help="perceptual metric (stlpips works offline)")

@@ -1,5 +1,7 @@
 """Error against network evaluations (NFE) for the Equilibrium Matching samplers: fixed-step gradient descent,
-Nesterov (standard and the EqM code's NAG-GD form) and adaptive stopping, on two learnt fields:
+Nesterov (standard and the EqM code's NAG-GD form) and adaptive stopping, under the constant and the noise step-size
+schedules. First the spread of samples on the exact field of a Gaussian (closed form: does a sampler sample, or
+return the posterior mean?), then two learnt fields:
 
 * toy: a 2-D mixture of 4 Gaussians learnt by an MLP with the EqM loss; error = mean distance to the nearest mode.
 * decoder: the `tiny` U-ViT decoder trained with the EqM loss to reconstruct 8 photos (32 x 32) from fixed random
@@ -23,6 +25,13 @@ from dcssdae.corruption import EquilibriumMatching
 from dcssdae.sampling import sample
 
 GD_STEPS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]  # the decoder sweep stops at 32
+
+
+def schedules(eta):
+    """(schedule, eta) pairs compared on the learnt fields."""
+    return [("constant", eta), ("constant", eta / 4), ("noise", eta)]
+
+
 THRESHOLDS = [0.3, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.002]
 
 
@@ -103,21 +112,55 @@ def train_decoder(steps: int, seed: int, size: int, samples_per_image: int = 4):
     return (lambda x, z: eqm.pred(x, decoder(x, z))), error, noise, (z, target)
 
 
+def gaussian_spread(eta: float, d: int = 3072, sigma: float = 0.3, samples: int = 16):
+    """Spread of the samples on the exact EqM field (linear decay) of x ~ N(mu, sigma^2 I): a sampler must return
+    sigma, the posterior mean returns ~0. Prints a table (method, schedule, steps -> NFE, mean error, spread)."""
+    eqm = EquilibriumMatching()
+    g = (torch.arange(2000, dtype=torch.float64) + 0.5) / 2000
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.rand(d, generator=gen, dtype=torch.float64) - 0.5
+    noise = torch.randn(samples, d, generator=gen, dtype=torch.float64)
+    v = g**2 * sigma**2 + (1 - g) ** 2
+    a = g * sigma**2 / v
+
+    def field(y):  # lambda * (y - E[x | y]), E over gamma | y in closed form per gamma
+        sq = (y * y).sum(1, keepdim=True) - 2 * g * (y @ mu)[:, None] + g**2 * (mu @ mu)
+        w = torch.softmax(-0.5 * d * torch.log(v) - sq / (2 * v), dim=1)
+        return eqm.multiplier * ((w * (1 - a)).sum(1, keepdim=True) * y - (w * (1 - a * g)).sum(1, keepdim=True) * mu)
+
+    print(f"\n## exact field of N(mu, {sigma}^2 I), d = {d}, {samples} samples: spread should be {sigma}\n")
+    print("| method | schedule | steps | mean NFE | mean error | spread |\n|---|---|---|---|---|---|")
+    rows = [("one_step", "-", 1, {})]
+    rows += [("gd", "constant", n, {"steps": n, "schedule": "constant"}) for n in (8, 32)]
+    rows += [("gd", "noise", n, {"steps": n}) for n in (4, 8, 16, 32)]
+    rows += [("nesterov", "noise", n, {"steps": n}) for n in (8, 16)]
+    rows += [("adaptive", "noise", 32, {"max_steps": 32, "threshold": t}) for t in (0.03, 0.01)]
+    for method, schedule, n, settings in rows:
+        x, nfe = sample(field, noise, method, eta=eta, **settings)
+        e = x - mu
+        extra = f" (threshold {settings['threshold']})" if "threshold" in settings else ""
+        print(f"| {method}{extra} | {schedule} | {n} | {nfe.double().mean():.1f} | "
+              f"{e.mean(0).square().mean().sqrt():.3f} | {e.std():.3f} |")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sweeps and the equal-error comparison.
 
 
-def sweep(field, error, noise, context, eta, max_steps):
+def sweep(field, error, noise, context, eta, max_steps, schedule="constant"):
     """Mean error and mean NFE of each sampler setting: {name: [(nfe, error), ...]}."""
     ctx = context[:1]  # the latent z (the decoder's context); the photo in context[1] is for the error only
+    s = EquilibriumMatching().step_to_data  # the schedule's s(gamma); under "constant" it only sets adaptive's x0_hat
+    kw = {"schedule": schedule, "step_to_data": s}
     runs = {"gd": [], "nesterov": [], "nag-gd (EqM form)": [], "adaptive": []}
     for steps in [n for n in GD_STEPS if n <= max_steps]:
-        runs["gd"].append((steps, error(sample(field, noise, "gd", context=ctx, steps=steps, eta=eta)[0]).mean()))
+        runs["gd"].append((steps, error(sample(field, noise, "gd", context=ctx, steps=steps, eta=eta, **kw)[0]).mean()))
         for name, form in (("nesterov", "standard"), ("nag-gd (EqM form)", "eqm")):
-            x, _ = sample(field, noise, "nesterov", context=ctx, steps=steps, eta=eta, mu=0.3, form=form)
+            x, _ = sample(field, noise, "nesterov", context=ctx, steps=steps, eta=eta, mu=0.3, form=form, **kw)
             runs[name].append((steps, error(x).mean()))
     for threshold in THRESHOLDS:
-        x, nfe = sample(field, noise, "adaptive", context=ctx, eta=eta, threshold=threshold, max_steps=max_steps)
+        x, nfe = sample(field, noise, "adaptive", context=ctx, eta=eta, threshold=threshold, max_steps=max_steps,
+                        **kw)
         runs["adaptive"].append((nfe.float().mean().item(), error(x).mean(), threshold))
     return {k: [(n, float(e), *rest) for n, e, *rest in v] for k, v in runs.items()}
 
@@ -134,14 +177,14 @@ def gd_nfe_for(error: float, gd: list[tuple[int, float]]) -> float:
     return best
 
 
-def report(title: str, runs: dict, eta: float):
+def report(title: str, runs: dict, eta: float, schedule: str = "constant"):
     gd = [(n, e) for n, e in runs["gd"]]
     # GD is not monotone once it sits at the model's fixed point; use its running minimum for "reaches".
     running, gd_reach = math.inf, []
     for n, e in gd:
         running = min(running, e)
         gd_reach.append((n, running))
-    print(f"\n## {title} (eta = {eta:g})\n")
+    print(f"\n## {title} (schedule {schedule}, eta = {eta:g})\n")
     print("| sampler | setting | mean NFE | mean error | GD NFE at equal error | NFE saved |")
     print("|---|---|---|---|---|---|")
     for n, e in gd:
@@ -176,13 +219,14 @@ def main():
     torch.set_num_threads(args.threads)
     eta = EquilibriumMatching().step_to_data(0.0).item()  # 1 / lambda = 0.5: exact in one step for a point mass
 
+    gaussian_spread(eta)
     start = time.perf_counter()
     field, error, noise, context = train_toy(args.toy_steps, args.seed)
     trained = time.perf_counter()
     with torch.no_grad():
-        for step in (eta, eta / 4):
+        for schedule, step in schedules(eta):
             report("2-D mixture of 4 Gaussians, MLP, mean distance to nearest mode", sweep(field, error, noise,
-                   context, step, 64), step)
+                   context, step, 64, schedule), step, schedule)
     print(f"\n(toy: training {trained - start:.0f} s, sampling {time.perf_counter() - trained:.0f} s)")
 
     if args.skip_decoder:
@@ -191,9 +235,9 @@ def main():
     field, error, noise, context = train_decoder(args.decoder_steps, args.seed, args.decoder_size)
     trained = time.perf_counter()
     with torch.no_grad():
-        for step in (eta, eta / 4):
+        for schedule, step in schedules(eta):
             report(f"tiny decoder, 8 photos {args.decoder_size}px, RMS error against the photo",
-                   sweep(field, error, noise, context, step, 32), step)
+                   sweep(field, error, noise, context, step, 32, schedule), step, schedule)
     print(f"\n(decoder: training {trained - start:.0f} s, sampling {time.perf_counter() - trained:.0f} s)")
 
 

@@ -1,7 +1,8 @@
 """DistillSystem: one-step distillation of a trained DC-SSDAE decoder (SSDD, Vallaeys et al. 2025, Sec. 3.4).
 
 The teacher is the frozen model of `init_from` (its EMA weights, normally phase 3's) sampling `teacher_steps`
-steps from noise with the configured sampler. The student starts as a copy of the teacher and learns to map the
+steps from noise with the configured sampler (for EqM by default gd on the noise schedule: a sample of p(x | z),
+not the blurry mean that one large step gives). The student starts as a copy of the teacher and learns to map the
 same noise and the same latent z (posterior mean) to the teacher's result in a single decoder evaluation. Its
 loss is the objective's own loss at the pure-noise level (EqM gamma = 0, FM t = 1) with the teacher's sample
 standing in for the data, plus LPIPS between the two images:
@@ -22,7 +23,6 @@ import copy
 import torch
 
 from dcssdae.corruption import FlowMatching
-from dcssdae.sampling import sample
 from dcssdae.system import DCSSDAESystem
 
 
@@ -62,8 +62,7 @@ class DistillSystem(DCSSDAESystem):
         with torch.no_grad():
             z = self.teacher.encoder(x).mode()                              # same z for teacher and student
             noise = torch.randn_like(x)                                     # same noise for both
-            settings = self.teacher.sampler_settings(steps=self.teacher_steps)
-            x_teacher, _ = sample(self.teacher.pred, noise, settings.pop("method"), context=(z,), **settings)
+            x_teacher, _ = self.teacher.sample(noise, z, self.teacher.sampler_settings(steps=self.teacher_steps))
         level = torch.full((x.shape[0],), 1.0 if isinstance(self.corruption, FlowMatching) else 0.0,
                            device=x.device)                                 # pure noise: FM t = 1, EqM gamma = 0
         out = self.ae.decoder(noise, z, self.corruption.decoder_time(level))    # one student evaluation

@@ -15,11 +15,16 @@ Settings are keyword arguments checked against the method (unknown names raise).
 or tensors (0-d or one per sample, (B,)): the public DC-SSDAE sampler crashed on a float step (`float.reshape`).
 
 Equilibrium Matching descent (Wang & Du 2025, Sec. 4; sign convention in `dcssdae.corruption`): the field f points
-away from the data, so every method descends, x <- x - eta * f(x). With the default linear decay
-c(gamma) = lambda * (1 - gamma) and a perfect field, one step of eta moves the noise level gamma to
-gamma + eta * lambda * (1 - gamma), i.e. it scales the remaining noise 1 - gamma by (1 - eta * lambda): eta = 1 / lambda
-(`EquilibriumMatching().step_to_data(0)` = 0.5, the default here) reaches the data in one step and any
-0 < eta < 2 / lambda converges geometrically. The sampler never sees gamma: fn(x) is all it has.
+away from the data, so every method descends, x <- x - eta_k * f(x). The sampler never sees gamma: fn(x) is all it
+has. With the linear decay c(gamma) = lambda * (1 - gamma) the ideal field is lambda * (x - E[x0 | x]), so one step
+of eta = 1 / lambda (`EquilibriumMatching().step_to_data(0)` = 0.5, the default eta here) jumps to the posterior mean
+E[x0 | x]: the data itself only for a point mass, otherwise the blurry average, from which constant steps barely
+move (on the exact field of a Gaussian with std 0.3 the output spread is 0.001 after one step, 0.13 after 8 and
+0.21 after 32 constant steps). The step-size schedule `noise` (default of gd / nesterov / adaptive) keeps part of
+the noise at every step: on t_k = (1 - k/N)^power, eta_k = (1 - t_{k+1}/t_k) * s(1 - t_k), the DDIM / Euler update
+(see `gradient_descent`); s = `step_to_data` (the corruption's (1 - gamma) / c(gamma), which `DCSSDAE.decode`
+passes) or eta. On the same Gaussian: spread 0.25 / 0.27 / 0.29 after 4 / 8 / 16 steps (power 2). `constant` keeps
+eta at every step (the EqM paper: eta = 0.0017 and hundreds of steps).
 """
 
 import inspect
@@ -31,7 +36,8 @@ import torch
 
 Tensor = torch.Tensor
 
-# Default step: 1 / lambda for the default EquilibriumMatching (linear decay, lambda = 2); see the module docstring.
+# Default step (and step to the data s when no `step_to_data` is given): 1 / lambda for the default
+# EquilibriumMatching (linear decay, lambda = 2); see the module docstring.
 DEFAULT_ETA = 0.5
 
 
@@ -77,15 +83,88 @@ def _nfe(noise: Tensor, count: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# EqM gradient descent with fixed steps (Wang & Du 2025, Eq. 7).
+# Step-size schedules of the EqM descent (DDIM, Song et al. 2021, Eq. 12 with eta = 0, on the grid of Karras et al.
+# 2022 / SSDD's shifted grid t_k = (1 - k/N)^p).
+
+Schedule = Literal["constant", "noise"]
+SCHEDULES = ("constant", "noise")
 
 
-def gradient_descent(fn, noise, context=(), *, steps: int = 8, eta: float | Tensor = DEFAULT_ETA):
-    """x_{k+1} = x_k - eta * f(x_k), `steps` times from x_0 = noise."""
+def noise_grid(steps: int, power: float = 2.0, device: torch.device | None = None,
+               dtype: torch.dtype = torch.float32) -> Tensor:
+    """Remaining-noise fractions t_k = (1 - k/N)^power, k = 0..N: t_0 = 1 (pure noise), t_N = 0 (the data)."""
+    if not power > 0:
+        raise ValueError(f"power must be > 0, got {power}")
+    return torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64).pow(power).to(dtype)
+
+
+def _data_step(step_to_data: Callable | None, eta: Tensor, gamma: Tensor) -> Tensor:
+    """s(gamma) = (1 - gamma) / c(gamma) as a (B,) tensor: the corruption's closed form when given, else eta."""
+    if step_to_data is None:
+        return eta
+    s = torch.as_tensor(step_to_data(gamma), device=eta.device).to(eta.dtype)
+    if not bool((s > 0).all()):
+        raise ValueError(f"step_to_data must be > 0, got {s.min().item()} at gamma {gamma.item():.4f}")
+    return s.expand_as(eta)
+
+
+def step_sizes(schedule: str, steps: int, eta: Tensor, power: float = 2.0,
+               step_to_data: Callable | None = None) -> list[tuple[Tensor, Tensor]]:
+    """[(eta_k, s_k)] for k = 0..steps-1, each a (B,) tensor: the step size and the step to the data s(gamma_k).
+
+    `constant`: eta_k = eta, and s_k = s(0) (= 1 / c(0)) when `step_to_data` is given, else eta.
+    `noise`: t_k = `noise_grid(steps, power)`, gamma_k = 1 - t_k, s_k = s(gamma_k) (eta when `step_to_data` is None,
+    exact for the linear decay where s = 1 / lambda) and eta_k = (1 - t_{k+1} / t_k) * s_k.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    if schedule == "constant":
+        s = _data_step(step_to_data, eta, torch.tensor(0.0, dtype=torch.float64))
+        return [(eta, s)] * steps
+    t = noise_grid(steps, power, dtype=torch.float64)
+    out = []
+    for t_k, t_next in itertools.pairwise(t):
+        s = _data_step(step_to_data, eta, 1 - t_k)
+        out.append(((1 - t_next / t_k).to(eta.dtype) * s, s))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EqM gradient descent (Wang & Du 2025, Eq. 7) with a step-size schedule.
+
+
+def gradient_descent(
+    fn,
+    noise,
+    context=(),
+    *,
+    steps: int = 8,
+    eta: float | Tensor = DEFAULT_ETA,
+    schedule: Schedule = "noise",
+    power: float = 2.0,
+    step_to_data: Callable | None = None,
+):
+    """x_{k+1} = x_k - eta_k * f(x_k), `steps` times from x_0 = noise, eta_k from `step_sizes(schedule, ...)`.
+
+    Under `noise` this is the DDIM / Euler update on the remaining-noise grid t_k, for every decay. A sample at
+    noise level gamma_k = 1 - t_k, y = gamma_k x + t_k noise, has target field f* = c(gamma_k) (noise - x)
+    = c(gamma_k) / t_k * (y - x), so x0_hat = y - s(gamma_k) f with s = (1 - gamma) / c(gamma) and
+
+        x_{k+1} = (t_{k+1}/t_k) y + (1 - t_{k+1}/t_k) x0_hat = y - (1 - t_{k+1}/t_k) s(gamma_k) f(y),
+
+    which keeps the fraction t_{k+1}/t_k of the current noise and moves the rest to the one-step estimate.
+    Linear decay: s = 1 / lambda for every gamma (so `step_to_data` may be left out: s = eta = 1 / lambda).
+    Truncated decay: c = lambda below a, so s = (1 - gamma) / lambda there (the step shrinks with the noise), and
+    s = (1 - a) / lambda above a. Piecewise decay: s = (1 - gamma) / (lambda (b - (b - 1) gamma / a)) below a,
+    (1 - a) / lambda above. For those two the ideal field mixes levels, f(y) = E[c / (1 - gamma) (y - x) | y],
+    so the update is exact only where the level posterior is sharp (high dimensions); t_N = 0 ends on x0_hat.
+    Under `constant` (eta every step; the EqM paper's 0.0017 with hundreds of steps) a step of 1 / lambda jumps to
+    the posterior mean E[x | y] and later steps barely move from it: the output collapses to the blurry mean.
+    """
     steps, eta = _check_steps(steps), _step_size(eta, noise)
     x = noise
-    for _ in range(steps):
-        x = x - _bcast(eta, x) * _evaluate(fn, x, context)
+    for eta_k, _ in step_sizes(schedule, steps, eta, power, step_to_data):
+        x = x - _bcast(eta_k, x) * _evaluate(fn, x, context)
     return x, _nfe(noise, steps)
 
 
@@ -102,6 +181,9 @@ def nesterov(
     eta: float | Tensor = DEFAULT_ETA,
     mu: float = 0.3,
     form: Literal["standard", "eqm"] = "standard",
+    schedule: Schedule = "noise",
+    power: float = 2.0,
+    step_to_data: Callable | None = None,
 ):
     """Accelerated descent with momentum mu in [0, 1); one evaluation per step.
 
@@ -115,23 +197,38 @@ def nesterov(
     x_{k+1} = x_k - eta * g_k. Its quadratic error recursion e_{k+1} = (1 - a - a*mu) e_k + a*mu e_{k-1} has a root
     above 1 - a for any 0 < a < 1, i.e. it is slower than plain GD there, and with a = 1 (the exact one-step eta)
     it leaves mu * e_0 after two steps where GD has converged.
-    It is kept to compare with the EqM paper's numbers (eta = 0.0017, mu = 0.3).
+    It is kept to compare with the EqM paper's numbers (eta = 0.0017, mu = 0.3, schedule `constant`).
+
+    Under the `noise` schedule the momentum moves along the noise grid (see `gradient_descent`): x_k sits at
+    remaining noise t_k and x_k - x_{k-1} = (t_k - t_{k-1}) (noise - x) along a DDIM path, so the look-ahead
+    y_k = x_k + mu_k (x_k - x_{k-1}) sits at t_y = t_k - mu_k (t_{k-1} - t_k); `standard` then takes the DDIM step
+    from t_y to t_{k+1}, eta_k = (1 - t_{k+1} / t_y) s(1 - t_y). Using the step of t_k there instead overshoots the
+    noise the look-ahead already removed and shrinks the sample spread. mu_k = min(mu, (t_k - t_{k+1}) /
+    (2 (t_{k-1} - t_k))) keeps the look-ahead short of the next level. `eqm` steps from x_k with gd's eta_k.
     """
     steps, eta = _check_steps(steps), _step_size(eta, noise)
     if not 0.0 <= mu < 1.0:
         raise ValueError(f"mu must lie in [0, 1), got {mu}")
     if form not in ("standard", "eqm"):
         raise ValueError(f"unknown nesterov form {form!r}; known: standard, eqm")
+    sizes = step_sizes(schedule, steps, eta, power, step_to_data)
+    t = noise_grid(steps, power, dtype=torch.float64) if schedule == "noise" else None
     x = x_prev = noise
-    for _ in range(steps):
-        y = x + mu * (x - x_prev)                            # look-ahead point (both forms)
+    for k, (eta_k, _) in enumerate(sizes):
+        mu_k = mu
+        if t is not None and k > 0:
+            mu_k = min(mu, 0.5 * float((t[k] - t[k + 1]) / (t[k - 1] - t[k])))
+        y = x + mu_k * (x - x_prev)                          # look-ahead point (both forms)
         g = _evaluate(fn, y, context)
-        x_prev, x = x, (y if form == "standard" else x) - _bcast(eta, x) * g
+        if t is not None and form == "standard" and k > 0:
+            t_y = t[k] - mu_k * (t[k - 1] - t[k])            # the look-ahead's remaining noise
+            eta_k = (1 - t[k + 1] / t_y).to(eta.dtype) * _data_step(step_to_data, eta, 1 - t_y)
+        x_prev, x = x, (y if form == "standard" else x) - _bcast(eta_k, x) * g
     return x, _nfe(noise, steps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Adaptive compute: descend each sample until ||f(x)|| < threshold (Wang & Du 2025, Sec. 4, Alg. 2).
+# Adaptive compute (Wang & Du 2025, Sec. 4, Alg. 2): each sample stops on its own once its estimate has settled.
 
 
 def adaptive(
@@ -142,28 +239,45 @@ def adaptive(
     eta: float | Tensor = DEFAULT_ETA,
     threshold: float = 0.01,
     max_steps: int = 32,
+    schedule: Schedule = "noise",
+    power: float = 2.0,
+    step_to_data: Callable | None = None,
 ):
-    """Gradient descent that stops each sample on its own once the field there is small.
+    """`gd` on the schedule of `max_steps` steps, stopping each sample once its one-step estimate has settled.
 
-    Each round evaluates f on the samples still running only (the batch shrinks; `context` is indexed along), takes
-    the step with it (the evaluation is paid for, so the step is free), and retires the samples whose
-    ||f(x)|| < threshold, where ||.|| is the root mean square over a sample's elements (independent of image size;
-    near a data point f ~ c * (x - x*), so the threshold bounds the remaining error at about threshold / lambda).
-    At most `max_steps` evaluations per sample. nfe[i] = evaluations spent on sample i.
+    Evaluation k gives f(x_k), the one-step estimate x0_hat_k = x_k - s_k f(x_k) and the descent step. Step k
+    removes the fraction r_k = eta_k / s_k of the remaining noise (1 - t_{k+1}/t_k under `noise`), so if the
+    estimate kept changing at the rate of the last step it would still move by
+    RMS(x0_hat_k - x0_hat_{k-1}) * (1 - r_{k-1}) / r_{k-1} before the end (RMS over a sample's elements). A sample
+    stops when that is < threshold and returns x0_hat_k (its estimate at the data end). The EqM paper's rule,
+    stop when ||f|| is small, fires at the blurry posterior mean that one large step reaches (f is small at a
+    clean-looking image) and is not used. Each round evaluates only the running samples (the batch shrinks;
+    `context` is indexed along). At most `max_steps` evaluations per sample; nfe[i] = evaluations of sample i.
     """
     eta = _step_size(eta, noise)
     max_steps = _check_steps(max_steps, "max_steps")
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")
     x, nfe = noise, torch.zeros(noise.shape[0], dtype=torch.long, device=noise.device)
+    x0_prev = torch.zeros_like(noise)
     active = torch.arange(noise.shape[0], device=noise.device)
-    for _ in range(max_steps):
+    r_prev = None
+    for k, (eta_k, s_k) in enumerate(step_sizes(schedule, max_steps, eta, power, step_to_data)):
         x_active = x.index_select(0, active)
         g = _evaluate(fn, x_active, [c.index_select(0, active) for c in context])
-        x = x.index_copy(0, active, x_active - _bcast(eta.index_select(0, active), x_active) * g)
         nfe = nfe.index_add(0, active, torch.ones_like(active))
-        rms = g.detach().float().flatten(1).square().mean(dim=1).sqrt()
-        active = active[rms >= threshold]
+        x0_hat = x_active - _bcast(s_k.index_select(0, active), x_active) * g
+        x = x.index_copy(0, active, x_active - _bcast(eta_k.index_select(0, active), x_active) * g)
+        if r_prev is not None and k < max_steps - 1:
+            change = (x0_hat - x0_prev.index_select(0, active)).detach().float().flatten(1).square().mean(1).sqrt()
+            r = r_prev.index_select(0, active).float()
+            settled = change * (1 - r) / r < threshold
+            if settled.any():
+                done = active[settled]
+                x = x.index_copy(0, done, x0_hat[settled])
+                active, x0_hat = active[~settled], x0_hat[~settled]
+        x0_prev = x0_prev.index_copy(0, active, x0_hat)
+        r_prev = (eta_k / s_k).clamp(max=1.0)
         if active.numel() == 0:
             break
     return x, nfe
@@ -174,8 +288,9 @@ def adaptive(
 
 
 def one_step(fn, noise, context=(), *, eta: float | Tensor = DEFAULT_ETA):
-    """x = noise - eta * f(noise); eta = 1 / c(0) (`EquilibriumMatching.step_to_data(0)`) is exact for a perfect
-    field of a point mass."""
+    """x = noise - eta * f(noise). With eta = 1 / c(0) (`EquilibriumMatching.step_to_data(0)`) and an ideal field this
+    is the posterior mean E[x | noise] (for the decoder, E[x | noise, z]): the data itself only for a point mass,
+    otherwise the blurry average. A distilled student is trained to make this one step a sample."""
     eta = _step_size(eta, noise)
     return noise - _bcast(eta, noise) * _evaluate(fn, noise, context), _nfe(noise, 1)
 

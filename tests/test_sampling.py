@@ -63,7 +63,7 @@ def test_gd_error_follows_closed_form(eta):
     x_star = torch.randn(3, 4, 4)
     noise = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     for steps in (1, 3, 8):
-        x, nfe = sample(linear_field(lam, x_star), noise, "gd", steps=steps, eta=eta)
+        x, nfe = sample(linear_field(lam, x_star), noise, "gd", steps=steps, eta=eta, schedule="constant")
         torch.testing.assert_close(x - x_star, (1 - eta * lam) ** steps * (noise - x_star), rtol=1e-4, atol=1e-5)
         assert nfe.tolist() == [steps] * 5 and nfe.dtype == torch.long
 
@@ -86,7 +86,8 @@ def test_gd_converges_on_quadrature_oracle(decay):
     x_star = torch.rand(8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     field = eqm_point_mass_field(eqm, x_star)
     noise = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
-    errors = [_rms(sample(field, noise, "gd", steps=s, eta=0.04)[0] - x_star).max().item() for s in (1, 4, 8, 12)]
+    errors = [_rms(sample(field, noise, "gd", steps=s, eta=0.04, schedule="constant")[0] - x_star).max().item()
+              for s in (1, 4, 8, 12)]
     assert all(b < a for a, b in itertools.pairwise(errors))
     assert errors[-1] < 1e-4 * errors[0]  # near the data each step contracts by 1 - 0.04 * 20 = 0.2
 
@@ -96,15 +97,16 @@ def test_nesterov_standard_accelerates_and_eqm_form_does_not():
     x_star = torch.zeros(2, 4, 4)
     noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     field = linear_field(lam, x_star)
-    gd = _rms(sample(field, noise, "gd", steps=12, eta=eta)[0])
-    standard = _rms(sample(field, noise, "nesterov", steps=12, eta=eta, mu=mu)[0])
-    eqm_form = _rms(sample(field, noise, "nesterov", steps=12, eta=eta, mu=mu, form="eqm")[0])
+    const = {"schedule": "constant"}
+    gd = _rms(sample(field, noise, "gd", steps=12, eta=eta, **const)[0])
+    standard = _rms(sample(field, noise, "nesterov", steps=12, eta=eta, mu=mu, **const)[0])
+    eqm_form = _rms(sample(field, noise, "nesterov", steps=12, eta=eta, mu=mu, form="eqm", **const)[0])
     assert (standard < 0.5 * gd).all()
     assert (eqm_form > gd).all()
     # with the exact step a = 1: standard Nesterov stays exact, the EqM form is left with mu * e0 after two steps
-    x, nfe = sample(field, noise, "nesterov", steps=2, eta=1 / lam, mu=mu)
+    x, nfe = sample(field, noise, "nesterov", steps=2, eta=1 / lam, mu=mu, **const)
     torch.testing.assert_close(x, torch.zeros_like(x), atol=1e-6, rtol=0)
-    x, _ = sample(field, noise, "nesterov", steps=2, eta=1 / lam, mu=mu, form="eqm")
+    x, _ = sample(field, noise, "nesterov", steps=2, eta=1 / lam, mu=mu, form="eqm", **const)
     torch.testing.assert_close(x, mu * noise, atol=1e-6, rtol=1e-5)
     assert nfe.tolist() == [2] * 3
 
@@ -112,12 +114,17 @@ def test_nesterov_standard_accelerates_and_eqm_form_does_not():
 def test_nesterov_mu_zero_is_gd():
     field = linear_field(2.0, torch.ones(5))
     noise = torch.randn(4, 5)
-    torch.testing.assert_close(sample(field, noise, "nesterov", steps=5, eta=0.3, mu=0.0)[0],
-                               sample(field, noise, "gd", steps=5, eta=0.3)[0])
+    for schedule in ("constant", "noise"):
+        torch.testing.assert_close(sample(field, noise, "nesterov", steps=5, eta=0.3, mu=0.0, schedule=schedule)[0],
+                                   sample(field, noise, "gd", steps=5, eta=0.3, schedule=schedule)[0])
 
 
 def test_adaptive_nfe_per_sample_matches_closed_form_and_shrinks_the_batch():
-    lam, eta, threshold = 2.0, 0.25, 1e-3  # error contracts by q = 1 - eta * lam = 0.5 per step
+    """Constant steps on lambda * x with a step to the data s = 0.25 (half the true 1 / lambda): x_k = q^k x_0,
+    q = 1 - eta * lam, and the estimate x0_hat_k = x_k - s f(x_k) = 0.5 q^k x_0 changes by 0.5 q^(k-1) (1 - q) |x_0|;
+    times (1 - r) / r, r = eta / s, that is the stopping statistic."""
+    lam, eta, s, threshold = 2.0, 0.1, 0.25, 1e-3
+    q, r = 1 - eta * lam, eta / s
     scales = torch.tensor([0.01, 0.1, 1.0, 10.0])
     noise = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
     noise = noise / _rms(noise)[:, None] * scales[:, None]  # rms distance to x* = 0 is exactly `scales`
@@ -127,24 +134,34 @@ def test_adaptive_nfe_per_sample_matches_closed_form_and_shrinks_the_batch():
         seen.append(x.shape[0])
         return lam * x
 
-    x, nfe = sample(field, noise, "adaptive", eta=eta, threshold=threshold, max_steps=100)
-    # evaluation k (k = 0, 1, ...) sees rms lam * q^k * scale; the sample retires after the first one < threshold,
-    # k* = floor(log(threshold / (lam * scale)) / log q) + 1, having spent k* + 1 evaluations
-    expected = [math.floor(math.log(threshold / (lam * s)) / math.log(0.5)) + 2 for s in scales.tolist()]
+    x, nfe = sample(field, noise, "adaptive", eta=eta, threshold=threshold, max_steps=100, schedule="constant",
+                    step_to_data=lambda gamma: torch.tensor(s))
+    expected = []
+    for scale in scales.tolist():
+        k = 1
+        while 0.5 * q ** (k - 1) * (1 - q) * scale * (1 - r) / r >= threshold:
+            k += 1
+        expected.append(k + 1)  # evaluations 0..k
     assert nfe.tolist() == expected and len(set(expected)) == 4
     assert sum(seen) == nfe.sum().item()                      # only running samples are evaluated
     assert seen == sorted(seen, reverse=True) and seen[0] == 4
-    torch.testing.assert_close(_rms(x), scales * 0.5 ** nfe.float(), rtol=1e-4, atol=0)  # every evaluation stepped
+    # a stopped sample returns its estimate x0_hat_k = 0.5 q^k x_0
+    torch.testing.assert_close(_rms(x), scales * 0.5 * q ** (nfe.float() - 1), rtol=1e-4, atol=0)
 
 
-def test_adaptive_step_cap_and_context_indexing():
+def test_adaptive_does_not_stop_at_the_posterior_mean_and_caps_steps():
+    """A point mass is settled after two evaluations (x0_hat = x* both times) and returns x* exactly; with context
+    indexing, per-sample targets; a threshold never met runs max_steps and ends on the grid's last estimate."""
     targets = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     noise = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(1))
-    noise[2] = targets[2]  # already at equilibrium: one evaluation, then it stops
+    x, nfe = sample(lambda x, z: 2.0 * (x - z), noise, "adaptive", context=(targets,), threshold=1e-6, max_steps=7)
+    assert nfe.tolist() == [2] * 5
+    torch.testing.assert_close(x, targets)
     x, nfe = sample(lambda x, z: 2.0 * (x - z), noise, "adaptive", context=(targets,), eta=0.3, threshold=1e-12,
                     max_steps=7)
-    assert nfe.tolist() == [7, 7, 1, 7, 7]
-    torch.testing.assert_close(x - targets, 0.4 ** nfe.float().view(-1, 1, 1, 1) * (noise - targets))
+    assert nfe.tolist() == [7] * 5
+    torch.testing.assert_close(x, sample(lambda x, z: 2.0 * (x - z), noise, "gd", context=(targets,), eta=0.3,
+                                         steps=7)[0])
 
 
 def test_euler_on_flow_matching_oracles():
@@ -206,6 +223,8 @@ def test_float_and_tensor_step_sizes():
         ("nesterov", {"form": "heavy_ball"}, ValueError, "unknown nesterov form"),
         ("adaptive", {"threshold": 0.0}, ValueError, "threshold must be > 0"),
         ("adaptive", {"max_steps": 0}, ValueError, "max_steps must be an integer >= 1"),
+        ("gd", {"schedule": "cosine"}, ValueError, "unknown schedule 'cosine'; known: constant, noise"),
+        ("nesterov", {"power": 0.0}, ValueError, "power must be > 0"),
     ],
 )
 def test_bad_settings(method, settings, error, message):
@@ -259,7 +278,7 @@ def _mode_error(x):
 
 def test_mog_samples_land_on_the_modes(mog_field):
     noise = torch.randn(1000, 2, generator=torch.Generator().manual_seed(1))
-    x, _ = sample(mog_field, noise, "gd", steps=48)
+    x, _ = sample(mog_field, noise, "gd", steps=48, schedule="constant")  # 2-D: descend to the field's minima
     error = _mode_error(x)
     assert (error < 0.3).float().mean() > 0.97  # modes are 2.1 apart, each with std 0.1
     counts = torch.bincount(torch.cdist(x, MODES).argmin(dim=1), minlength=4)
@@ -268,10 +287,11 @@ def test_mog_samples_land_on_the_modes(mog_field):
 
 def test_mog_adaptive_spends_fewer_nfe_at_equal_error(mog_field):
     noise = torch.randn(1000, 2, generator=torch.Generator().manual_seed(2))
-    x, nfe = sample(mog_field, noise, "adaptive", threshold=0.01, max_steps=64)
+    const = {"schedule": "constant", "eta": 0.125}
+    x, nfe = sample(mog_field, noise, "adaptive", threshold=0.01, max_steps=64, step_to_data=lambda g: 0.5, **const)
     adaptive_error = _mode_error(x).mean().item()
     gd_steps = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
-    gd_error = [_mode_error(sample(mog_field, noise, "gd", steps=n)[0]).mean().item() for n in gd_steps]
+    gd_error = [_mode_error(sample(mog_field, noise, "gd", steps=n, **const)[0]).mean().item() for n in gd_steps]
     equal = [n for n, e in zip(gd_steps, gd_error) if e <= adaptive_error]
     needed = equal[0] if equal else math.inf  # fewest fixed steps with an error at least as low
     assert nfe.float().mean().item() < 0.8 * needed, (nfe.float().mean(), adaptive_error, gd_error)
@@ -285,3 +305,144 @@ def test_same_noise_same_output(mog_field, method):
     second, nfe_second = sample(mog_field, noise.clone(), method)
     assert torch.equal(first, second) and torch.equal(nfe_first, nfe_second)
     assert torch.isfinite(first).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling, not collapsing: exact EqM fields of data with a known spread (float64).
+
+
+def _levels(eqm: EquilibriumMatching, n_gamma: int):
+    gamma = (torch.arange(n_gamma, dtype=torch.float64) + 0.5) / n_gamma
+    return gamma, eqm.c(gamma).double() / (1 - gamma)  # f* = c / (1 - gamma) * (y - x) at level gamma
+
+
+def gaussian_field(eqm: EquilibriumMatching, mu: torch.Tensor, sigma: float, n_gamma: int = 2000):
+    """The exact EqM field of x ~ N(mu, sigma^2 I) (mu (d,)): f(y) = E[c/(1-gamma) (y - E[x | y, gamma]) | y],
+    gamma ~ U[0, 1) a posteriori from N(y; gamma mu, v I), v = gamma^2 sigma^2 + (1 - gamma)^2, and
+    E[x | y, gamma] = mu + a (y - gamma mu), a = gamma sigma^2 / v. Linear decay: lambda (y - E[x | y])."""
+    gamma, ratio = _levels(eqm, n_gamma)
+    d, mm = mu.numel(), mu @ mu
+    v = gamma**2 * sigma**2 + (1 - gamma) ** 2
+    a = gamma * sigma**2 / v
+
+    def field(y):
+        sq = (y * y).sum(1, keepdim=True) - 2 * gamma * (y @ mu)[:, None] + gamma**2 * mm   # |y - gamma mu|^2
+        w = torch.softmax(-0.5 * d * torch.log(v) - sq / (2 * v), dim=1) * ratio             # (B, G)
+        return ((w * (1 - a)).sum(1, keepdim=True) * y - (w * (1 - a * gamma)).sum(1, keepdim=True) * mu)
+
+    return field
+
+
+def mixture_field(eqm: EquilibriumMatching, modes: torch.Tensor, std: float, n_gamma: int = 400):
+    """The exact EqM field of an equal-weight mixture of N(m, std^2 I) over `modes` (M, d)."""
+    gamma, ratio = _levels(eqm, n_gamma)
+    d = modes.shape[1]
+    v = gamma**2 * std**2 + (1 - gamma) ** 2
+    a = gamma * std**2 / v
+
+    def field(y):
+        diff = y[:, None, None, :] - gamma[:, None, None] * modes                           # (B, G, M, d)
+        log_w = -0.5 * d * torch.log(v)[:, None] - diff.square().sum(-1) / (2 * v[:, None])
+        w = torch.softmax(log_w.flatten(1), 1).view(log_w.shape) * ratio[:, None]            # (B, G, M)
+        return (w[..., None] * (y[:, None, None, :] - modes - a[:, None, None] * diff)).sum((1, 2))
+
+    return field
+
+
+SIGMA = 0.3
+
+
+@pytest.fixture(scope="module")
+def gaussian():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.rand(2000, generator=g, dtype=torch.float64) - 0.5
+    return mu, torch.randn(16, 2000, generator=g, dtype=torch.float64)
+
+
+def _mean_error_and_spread(x, mu):
+    e = x - mu
+    return e.mean(0).square().mean().sqrt().item(), e.std().item()  # RMS of the per-dim sample mean; spread
+
+
+@pytest.mark.parametrize("method, settings", [
+    ("gd", {"steps": 16}), ("gd", {"steps": 8, "power": 3.0}), ("nesterov", {"steps": 16}),
+    ("nesterov", {"steps": 16, "form": "eqm"}), ("adaptive", {"max_steps": 32}),
+])
+def test_noise_schedule_samples_a_gaussian_with_the_right_spread(gaussian, method, settings):
+    """x ~ N(mu, 0.3^2 I), d = 2000, 16 samples: the sample mean is within its sampling error of mu (0.3 / 4) and
+    the spread around mu is within 10% of 0.3."""
+    mu, noise = gaussian
+    field = gaussian_field(EquilibriumMatching(), mu, SIGMA)
+    x, nfe = sample(field, noise, method, **settings)
+    mean_error, spread = _mean_error_and_spread(x, mu)
+    assert mean_error < 1.2 * SIGMA / 4 and abs(spread - SIGMA) < 0.1 * SIGMA, (mean_error, spread)
+    assert nfe.dtype == torch.long and (nfe <= settings.get("steps", settings.get("max_steps"))).all()
+
+
+def test_one_step_and_constant_steps_collapse_to_the_posterior_mean(gaussian):
+    """The bug the noise schedule fixes: one step of 1 / lambda returns E[x | noise] (no spread at all), and
+    constant steps of 1 / lambda start there and barely move (0.13 after 8 steps, 0.21 after 32, of 0.3)."""
+    mu, noise = gaussian
+    field = gaussian_field(EquilibriumMatching(), mu, SIGMA)
+    assert _mean_error_and_spread(sample(field, noise, "one_step")[0], mu)[1] < 0.01
+    for steps in (8, 32):
+        spread = _mean_error_and_spread(sample(field, noise, "gd", steps=steps, schedule="constant")[0], mu)[1]
+        assert spread < 0.8 * SIGMA, (steps, spread)
+
+
+@pytest.mark.parametrize("decay", ["truncated", "piecewise"])
+def test_noise_schedule_with_step_to_data_samples_other_decays(gaussian, decay):
+    """Truncated / piecewise decays: the schedule needs s(gamma) = (1 - gamma) / c(gamma); with it gd samples the
+    right spread, with the constant 1 / c(0) in its place (no `step_to_data`) it does not."""
+    mu, noise = gaussian
+    eqm = EquilibriumMatching(decay)
+    field = gaussian_field(eqm, mu, SIGMA)
+    eta = eqm.step_to_data(0.0).item()
+    for method in ("gd", "nesterov", "adaptive"):
+        steps = {"max_steps": 32} if method == "adaptive" else {"steps": 16}
+        x, _ = sample(field, noise, method, eta=eta, step_to_data=eqm.step_to_data, **steps)
+        mean_error, spread = _mean_error_and_spread(x, mu)
+        assert mean_error < 1.2 * SIGMA / 4 and abs(spread - SIGMA) < 0.1 * SIGMA, (method, mean_error, spread)
+    # a point mass reaches the data exactly at the end of the grid (t_N = 0 ends on x0_hat)
+    point = gaussian_field(eqm, mu, 1e-4)
+    x, _ = sample(point, noise, "gd", eta=eta, steps=8, step_to_data=eqm.step_to_data)
+    assert _rms(x - mu).max() < 1e-3
+
+
+def test_noise_schedule_lands_on_the_modes_of_a_tight_mixture():
+    """4 modes (std 0.05) in d = 16: with the noise schedule > 90% of samples lie within 4 std (per dimension) of a
+    mode and every mode gets its share; one step lands between them (on the posterior mean). In 2-D the level
+    posterior of a time-free field is broad, its minima sit inside the modes, and no schedule lands within 4 std."""
+    g = torch.Generator().manual_seed(0)
+    modes = torch.rand(4, 16, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(120, 16, generator=g, dtype=torch.float64)
+    field = mixture_field(EquilibriumMatching(), modes, 0.05, n_gamma=200)
+
+    def on_modes(x):
+        distance = torch.cdist(x, modes).min(dim=1).values / 16**0.5  # RMS per dimension
+        return (distance < 4 * 0.05).double().mean().item(), torch.bincount(torch.cdist(x, modes).argmin(1), minlength=4)
+
+    for method, settings in (("gd", {"steps": 16}), ("nesterov", {"steps": 16}), ("adaptive", {"max_steps": 32})):
+        fraction, counts = on_modes(sample(field, noise, method, **settings)[0])
+        assert fraction > 0.9 and (counts > 15).all(), (method, fraction, counts)
+    assert on_modes(sample(field, noise, "one_step")[0])[0] < 0.1
+
+
+def test_autoencoder_default_sampler_samples_and_overrides_keep_the_schedule(monkeypatch):
+    """DCSSDAE's EqM default is gd on the noise schedule; steps= keeps it (a grid for the new N); decode passes the
+    corruption's step_to_data, which never enters the saved config; steps=1 alone is the one-step decoder."""
+    from dcssdae import autoencoder
+    from dcssdae.autoencoder import DCSSDAE
+
+    model = DCSSDAE("tiny-f8c4", "tiny", corruption=EquilibriumMatching("truncated")).eval()
+    assert model.sampler == {"method": "gd", "steps": 16, "eta": 0.25, "schedule": "noise", "power": 2.0}
+    assert model.sampler_settings(steps=4) == {**model.sampler, "steps": 4}
+    assert model.sampler_settings(steps=1)["method"] == "one_step"
+    assert model.sampler_settings(steps=5, method="adaptive")["max_steps"] == 5
+    calls = []
+    monkeypatch.setattr(autoencoder, "sample", lambda fn, noise, method, **kw: calls.append(kw) or (noise, None))
+    model.decode(torch.zeros(1, 4, 4, 4), steps=3)
+    assert calls[0]["step_to_data"] == model.corruption.step_to_data and calls[0]["steps"] == 3
+    assert "step_to_data" not in model.config()["sampler"]
+    with pytest.raises(ValueError, match="unknown setting"):
+        DCSSDAE("tiny-f8c4", "tiny", sampler={"method": "gd", "step_to_data": None})

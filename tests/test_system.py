@@ -289,10 +289,10 @@ def test_distill_student_learns_teachers_n_step_sample_from_the_same_noise(tmp_p
     model._trainer = SimpleNamespace(ckpt_path=None)
     model.setup("fit")
     assert torch.equal(model.teacher.decoder.out_norm.weight, teacher_ae.decoder.out_norm.weight)
-    from dcssdae import distill
+    from dcssdae import autoencoder
 
-    calls, original = [], distill.sample
-    monkeypatch.setattr(distill, "sample", lambda fn, noise, method, **kw: calls.append((fn, noise, method, kw))
+    calls, original = [], autoencoder.sample
+    monkeypatch.setattr(autoencoder, "sample", lambda fn, noise, method, **kw: calls.append((fn, noise, method, kw))
                         or original(fn, noise, method, **kw))
     decoder_inputs = []
     model.ae.decoder.register_forward_pre_hook(lambda module, args: decoder_inputs.append(args[0]))
@@ -302,6 +302,7 @@ def test_distill_student_learns_teachers_n_step_sample_from_the_same_noise(tmp_p
     assert set(model.last_terms) == {"distill", "stlpips"}  # its own term (weight loss_weights.distill), and LPIPS
     (fn, noise, method, settings), = calls
     assert fn == model.teacher.pred and method == "gd" and settings["steps"] == 3
+    assert settings["schedule"] == "noise" and settings["step_to_data"] == model.teacher.corruption.step_to_data
     assert torch.equal(decoder_inputs[0], noise)  # the student sees the teacher's noise, once
     assert len(decoder_inputs) == 1
     loss.backward()
