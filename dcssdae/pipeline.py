@@ -161,8 +161,9 @@ class AutoencoderDCSSD(ModelMixin, ConfigMixin):
         config = model.config()
         vae = cls(**{k: config[k] for k in DCSSDAE_KEYS}, scaling_factor=config["latent_scale"],
                   shift_factor=config["latent_shift"])
-        vae.load_state_dict(model.state_dict(), strict=True)
-        return vae.to(model.dtype).eval()
+        # assign: the copies keep the model's dtype (no ModelMixin.to(dtype), which warns whatever the dtype)
+        vae.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()}, strict=True, assign=True)
+        return vae.eval()
 
     def to_dcssdae(self) -> DCSSDAE:
         """A DCSSDAE with these weights (copied) and the scaling as latent_scale / latent_shift."""
@@ -181,8 +182,8 @@ class AutoencoderDCSSD(ModelMixin, ConfigMixin):
         path = Path(pretrained_model_name_or_path)
         here = path / subfolder if subfolder else path
         if here.is_file() or (here / "model.safetensors").is_file():
-            vae = cls.from_dcssdae(DCSSDAE.from_pretrained(here))
-            return (vae.to(torch_dtype) if torch_dtype is not None else vae).eval()
+            model = DCSSDAE.from_pretrained(here)
+            return cls.from_dcssdae(model.to(torch_dtype) if torch_dtype is not None else model)
         if here.is_dir() and not (here / "config.json").is_file():
             raise FileNotFoundError(f"{here}: neither a dcssdae export (config.json + model.safetensors), nor a "
                                     "folder written by AutoencoderDCSSD.save_pretrained, nor a .ckpt")
