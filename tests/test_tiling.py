@@ -162,3 +162,21 @@ def test_half_precision_model_encodes_and_decodes_in_its_dtype(dtype, corruption
     assert model.dtype == dtype and z.dtype == dtype and x_hat.dtype == dtype
     assert rel_err(z, z32) < 0.02
     assert rel_err(x_hat, x32) < 0.05  # FM: its time grid is rounded to the dtype, the main difference
+
+
+def test_dcssdae_imports_and_runs_without_diffusers():
+    """diffusers is an optional extra: `import dcssdae` and DCSSDAE work without it; AutoencoderDCSSD says what to
+    install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['diffusers'] = None\n"  # makes `import diffusers` fail
+        "import dcssdae\n"
+        "ae = dcssdae.DCSSDAE('tiny-f8c4', 'tiny')\n"
+        "assert 'diffusers' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "try:\n    dcssdae.AutoencoderDCSSD\nexcept ImportError as e:\n    print(e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "dcssdae[diffusers]" in result.stdout
