@@ -164,8 +164,8 @@ def main_agreement(args) -> list[dict]:
               f"{row['psnr_untiled']:.2f} dB, tiled {row['psnr_tiled']:.2f} dB "
               f"(difference {row['psnr_tiled'] - row['psnr_untiled']:+.2f} dB)")
     gap = [r["psnr_tiled"] - r["psnr_untiled"] for r in rows]
-    print(f"mean PSNR gap tiled - untiled {sum(gap) / len(gap):+.2f} dB, worst {min(gap, key=abs):+.2f} / "
-          f"{max(gap, key=abs):+.2f} dB ({'random weights' if args.model is None else args.model})")
+    print(f"PSNR gap tiled - untiled: mean {sum(gap) / len(gap):+.2f} dB, largest {max(gap, key=abs):+.2f} dB "
+          f"({'random weights' if args.model is None else args.model})")
     return rows
 
 
