@@ -16,7 +16,7 @@ _LAZY = {
     "AutoencoderDCSSD": "dcssdae.pipeline",  # needs diffusers (the `diffusers` extra)
 }
 
-__all__ = ["AutoencoderDCSSD", "DCSSDAE", "EquilibriumMatching", "FlowMatching", "Posterior", "build_decoder", "build_encoder", "sample"]
+__all__ = ["DCSSDAE", "AutoencoderDCSSD", "EquilibriumMatching", "FlowMatching", "Posterior", "build_decoder", "build_encoder", "sample"]
 assert sorted(__all__) == sorted(_LAZY)
 
 

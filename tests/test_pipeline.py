@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 
 pytest.importorskip("diffusers")
 
-from dcssdae.autoencoder import DCSSDAE  # noqa: E402
-from dcssdae.export import main_latent_stats, write_export  # noqa: E402
-from dcssdae.pipeline import AutoencoderDCSSD  # noqa: E402
+from dcssdae.autoencoder import DCSSDAE
+from dcssdae.export import main_latent_stats, write_export
+from dcssdae.pipeline import AutoencoderDCSSD
 
 
 def tiny_dcssdae(seed: int = 0, **kwargs) -> DCSSDAE:
