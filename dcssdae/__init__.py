@@ -13,9 +13,10 @@ _LAZY = {
     "EquilibriumMatching": "dcssdae.corruption",
     "FlowMatching": "dcssdae.corruption",
     "DCSSDAE": "dcssdae.autoencoder",
+    "AutoencoderDCSSD": "dcssdae.pipeline",  # needs diffusers (the `diffusers` extra)
 }
 
-__all__ = ["DCSSDAE", "EquilibriumMatching", "FlowMatching", "Posterior", "build_decoder", "build_encoder", "sample"]
+__all__ = ["DCSSDAE", "AutoencoderDCSSD", "EquilibriumMatching", "FlowMatching", "Posterior", "build_decoder", "build_encoder", "sample"]
 assert sorted(__all__) == sorted(_LAZY)
 
 

@@ -3,6 +3,9 @@
     z = ae.encode(x)                      # (B, 3, H, W) in [-1, 1] -> (B, c, H/f, W/f), scaled for diffusion
     x_hat = ae.decode(z)                  # sampler from noise (default: the configured one, 16 EqM steps)
     x_hat = ae.decode(z, steps=1)         # single step (a distilled decoder)
+    x_hat = ae.reconstruct(x, pad=True)   # any H x W: reflect-padded to a multiple of f, cropped back
+    ae.enable_tiling(tile=512, overlap=128)  # large images: tiled network evaluation, blended (dcssdae.tiling)
+    ae.to(torch.bfloat16)                 # half precision: encode and decode run in the model's dtype
     ae = DCSSDAE.from_pretrained("export_dir")   # or a Lightning .ckpt from `dcssdae fit`
 
 The network knows nothing about training (no losses here); the Lightning system in `dcssdae.system` wires it to
@@ -30,6 +33,7 @@ from dcssdae.corruption import EquilibriumMatching, FlowMatching
 from dcssdae.decoder import build_decoder
 from dcssdae.encoder import Posterior, build_encoder
 from dcssdae.sampling import sample, settings_of
+from dcssdae.tiling import Tiling, crop, pad_to_multiple, tiled_call
 
 Corruption = EquilibriumMatching | FlowMatching
 EQM_METHODS = ("gd", "nesterov", "adaptive", "one_step")
@@ -118,6 +122,7 @@ class DCSSDAE(nn.Module):
                                      **decoder_overrides)
         self.sampler = self._check_sampler(sampler or self.default_sampler())
         self.latent_scale, self.latent_shift = float(latent_scale), float(latent_shift)
+        self.tiling: Tiling | None = None  # see enable_tiling
         self._config = {"encoder": encoder, "decoder": decoder, "encoder_overrides": encoder_overrides,
                         "decoder_overrides": decoder_overrides}
 
@@ -128,6 +133,11 @@ class DCSSDAE(nn.Module):
     @property
     def latent_channels(self) -> int:
         return self.encoder.latent_channels
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype: `encode` and `decode` cast their inputs to it and compute in it."""
+        return next(self.parameters()).dtype
 
     # -- sampler settings ------------------------------------------------------------------------
 
@@ -174,15 +184,17 @@ class DCSSDAE(nn.Module):
     # -- the API -----------------------------------------------------------------------------------
 
     def posterior(self, x: torch.Tensor) -> Posterior:
-        """q(z | x) of the raw (unscaled) latent."""
-        return self.encoder(x)
+        """q(z | x) of the raw (unscaled) latent; tiled when `enable_tiling` is on and x is larger than a tile."""
+        if self.tiling is None:
+            return self.encoder(x)
+        return self._tiled_posterior(x)
 
     def encode(self, x: torch.Tensor, sample_posterior: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """x (B, 3, H, W) in [-1, 1] -> scaled latent (B, c, H/f, W/f): the posterior mean (or a sample)."""
-        posterior = self.encoder(x)
+        posterior = self.posterior(x.to(self.dtype))
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return (z - self.latent_shift) * self.latent_scale
+        return ((z - self.latent_shift) * self.latent_scale).to(self.dtype)
 
     def decode(
         self,
@@ -199,13 +211,15 @@ class DCSSDAE(nn.Module):
         `steps`, `method` and `settings` replace the configured sampler's (`steps=1` alone: the one-step decoder).
         Runs under the caller's grad mode. With `return_nfe`, also returns the decoder evaluations per sample.
         """
-        z = z / self.latent_scale + self.latent_shift
+        z = z.to(self.dtype) / self.latent_scale + self.latent_shift
         f = self.downsample_factor
         shape = (z.shape[0], self.decoder.image_channels, z.shape[-2] * f, z.shape[-1] * f)
         if noise is None:
-            noise = torch.randn(shape, generator=generator, device=z.device, dtype=z.dtype)
+            # drawn in float32 whatever the model's dtype: the same generator gives the same noise in fp32/bf16/fp16
+            noise = torch.randn(shape, generator=generator, device=z.device, dtype=torch.float32)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape} for z of shape {tuple(z.shape)}, got {tuple(noise.shape)}")
+        noise = noise.to(z.dtype)
         x, nfe = self.sample(noise, z, self.sampler_settings(steps, method, **settings))
         return (x, nfe) if return_nfe else x
 
@@ -221,11 +235,48 @@ class DCSSDAE(nn.Module):
     def pred(self, x_t: torch.Tensor, z: torch.Tensor, *time: torch.Tensor) -> torch.Tensor:
         """The decoder's output as the corruption's prediction (EqM field f, FM velocity v) at x_t, given the raw
         latent z (and FM's time t): the `fn` every sampler evaluates."""
-        return self.corruption.pred(x_t, self.decoder(x_t, z, *time))
+        return self.corruption.pred(x_t, self.network()(x_t, z, *time))
 
-    def reconstruct(self, x: torch.Tensor, **decode_kwargs) -> torch.Tensor:
-        """decode(encode(x)) with the posterior mean."""
-        return self.decode(self.encode(x), **decode_kwargs)
+    def reconstruct(self, x: torch.Tensor, pad: bool = False, **decode_kwargs) -> torch.Tensor:
+        """decode(encode(x)) with the posterior mean. With `pad`, any H x W: x is reflect-padded at the bottom and
+        right to multiples of the compression factor and the reconstruction is cropped back to H x W (a `noise`
+        passed along must then have the padded shape)."""
+        if not pad:
+            return self.decode(self.encode(x), **decode_kwargs)
+        x_pad, size = pad_to_multiple(x, self.downsample_factor)
+        return crop(self.decode(self.encode(x_pad), **decode_kwargs), size)
+
+    # -- tiling: large images in bounded memory (dcssdae.tiling) ---------------------------------------
+
+    def enable_tiling(self, tile: int = 512, overlap: int = 128) -> None:
+        """Evaluate the encoder and the decoder network on overlapping `tile` x `tile` pixel tiles, blended over
+        `overlap` pixels (both multiples of the compression factor), for images larger than a tile. Decoding still
+        samples the whole image with one noise draw; only each network evaluation is tiled."""
+        tiling = Tiling(tile, overlap)
+        tiling.check(self.downsample_factor)
+        self.tiling = tiling
+
+    def disable_tiling(self) -> None:
+        self.tiling = None
+
+    def network(self):
+        """The decoder network as the sampler calls it, fn(x, z[, t]): tiled when tiling is enabled."""
+        if self.tiling is None:
+            return self.decoder
+        return lambda x, z, *extra: tiled_call(self.decoder, x, (z,), extra, tiling=self.tiling,
+                                               factor=self.downsample_factor)
+
+    def _tiled_posterior(self, x: torch.Tensor) -> Posterior:
+        """The posterior of tiles blended in latent space (mean and log-variance alike)."""
+        def moments(tile: torch.Tensor) -> torch.Tensor:
+            q = self.encoder(tile)
+            return q.mean if q.deterministic else torch.cat([q.mean, q.logvar], dim=1)
+
+        f = self.downsample_factor
+        out = tiled_call(moments, x, tiling=self.tiling, factor=f, out_factor=f)
+        if out.shape[1] == self.latent_channels:
+            return Posterior(out)
+        return Posterior(*out.chunk(2, dim=1))
 
     # -- configuration and loading ---------------------------------------------------------------
 

@@ -416,7 +416,7 @@ class UViTDecoder(nn.Module):
         ctx = self.ctx(z)  # (B, C0, h, w)
         if self.time_conditioned:
             t = t.reshape(-1).expand(x_t.shape[0])  # (B,)
-            ctx = ctx + self.time_mlp(_timestep_embedding(t, ctx.shape[1]))[:, :, None, None]
+            ctx = ctx + self.time_mlp(_timestep_embedding(t, ctx.shape[1]).to(ctx.dtype))[:, :, None, None]
         ctx = F.silu(ctx)
         z_img = F.interpolate(self.z_in(z), size=x_t.shape[-2:], mode="nearest")  # (B, C0/2, H, W)
         h = self.conv_in(torch.cat([self.x_in(x_t), z_img], dim=1))  # (B, C0, H, W)

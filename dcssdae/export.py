@@ -21,7 +21,10 @@ the scaling factor, `decode` divides by it:
 `dcssdae latent-stats` measures the mean and standard deviation of z (all channels and positions pooled, float64)
 over images and sets latent_scale = 1 / std, leaving latent_shift = 0 as DC-AE and SD do (their scaled latents
 then have unit standard deviation about their mean). With --shift it also sets latent_shift = mean (the SD3 / FLUX
-convention: zero-mean, unit-variance latents).
+convention: zero-mean, unit-variance latents). These are diffusers' `scaling_factor` and `shift_factor` (a pipeline
+computes (z - shift_factor) * scaling_factor after encoding and undoes it before decoding): `AutoencoderDCSSD`
+(`dcssdae.pipeline`) loaded from the export has config.scaling_factor = latent_scale, config.shift_factor =
+latent_shift, and returns raw latents.
 """
 
 from __future__ import annotations
@@ -191,22 +194,25 @@ def main_export(argv: list[str] | None = None) -> int:
 # Reconstruct image files: OUT/<name>.png = input | reconstruction, and a PSNR line per image.
 
 
-def _read_image(path: Path, size: int):
-    """RGB uint8 tensor (3, size, size): short side resized to `size`, centre crop (the validation transform)."""
+def _read_image(path: Path, size: int | None = None):
+    """RGB uint8 tensor (3, H, W): the whole image at its own size, or with `size` the short side resized to it and
+    a centre crop size x size (the validation transform)."""
     import numpy as np
 
     from dcssdae.data import decode_image, val_transform
 
-    img = val_transform(decode_image(path.read_bytes()), size)
+    img = decode_image(path.read_bytes())
+    if size is not None:
+        img = val_transform(img, size)
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 def save_pair_png(x_u8: torch.Tensor, x_hat_u8: torch.Tensor, path: Path) -> None:
-    """Writes one image and its reconstruction, (3, S, S) uint8 each, side by side as `path` (PNG, atomically).
+    """Writes one image and its reconstruction, (3, H, W) uint8 each, side by side as `path` (PNG, atomically).
     The layout of `dcssdae reconstruct` and `dcssdae predict`."""
     from PIL import Image
 
-    side_by_side = torch.cat([x_u8, x_hat_u8], dim=2).permute(1, 2, 0).cpu().numpy()  # (S, 2S, 3)
+    side_by_side = torch.cat([x_u8, x_hat_u8], dim=2).permute(1, 2, 0).cpu().numpy()  # (H, 2W, 3)
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(side_by_side).save(tmp, format="PNG")
     os.replace(tmp, path)
@@ -225,42 +231,60 @@ def reconstruct_files(
     model,
     images: list[str | Path],
     out_dir: str | Path,
-    size: int = 256,
+    size: int | None = None,
     steps: int | None = None,
     method: str | None = None,
     seed: int = 0,
     batch_size: int = 8,
     log=print,
+    pad: bool = True,
 ) -> tuple[list[tuple[Path, float, Path]], list[tuple[Path, str]]]:
     """Reconstruct image files with `model`; returns ([(input, PSNR dB, output PNG)], [(input, error)]).
 
-    Unreadable files are reported through `log` and skipped. PSNR is on the 8-bit images, as in
+    Each image is used whole at its own size (or resized and centre-cropped to `size` x `size`); with `pad`, sides
+    that are not multiples of the compression factor are reflect-padded and the reconstruction is cropped back
+    (`DCSSDAE.reconstruct(pad=True)`), otherwise such an image is an error. Consecutive images of one size are
+    batched. Unreadable files are reported through `log` and skipped. PSNR is on the 8-bit images, as in
     `dcssdae.metrics`. The noise comes from a CPU generator seeded with `seed` (same result on any device).
     """
     from dcssdae.metrics import psnr_uint8, quantize_uint8
+    from dcssdae.tiling import pad_to_multiple
 
     f = model.downsample_factor
-    if size % f:
-        raise ToolError(f"--size {size} is not a multiple of the encoder's downsampling factor {f}")
+    if size is not None and size % f and not pad:
+        raise ToolError(f"--size {size} is not a multiple of the encoder's downsampling factor {f} (drop --no-pad "
+                        "to pad and crop back)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded, failed, taken = [], [], set()
     for path in map(Path, images):
         try:
-            loaded.append((path, _read_image(path, size)))
+            image = _read_image(path, size)
         except (OSError, ValueError) as error:  # missing file, directory, ImageDecodeError
             failed.append((path, str(error)))
             log(f"{path}: cannot read: {error}")
+            continue
+        if not pad and (image.shape[1] % f or image.shape[2] % f):
+            failed.append((path, f"size {image.shape[2]}x{image.shape[1]} is not a multiple of {f}"))
+            log(f"{path}: size {image.shape[2]}x{image.shape[1]} is not a multiple of the encoder's downsampling "
+                f"factor {f} (drop --no-pad to pad and crop back)")
+            continue
+        loaded.append((path, image))
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     done = []
-    for start in range(0, len(loaded), batch_size):
-        batch = loaded[start:start + batch_size]
-        x_u8 = torch.stack([image for _, image in batch])  # (B, 3, S, S)
+    batches = []  # consecutive images of one size, at most batch_size each
+    for item in loaded:
+        if batches and len(batches[-1]) < batch_size and batches[-1][0][1].shape == item[1].shape:
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    for batch in batches:
+        x_u8 = torch.stack([image for _, image in batch])  # (B, 3, H, W)
         x = x_u8.float().div(127.5).sub(1).to(device)
-        noise = torch.randn(x.shape, generator=generator).to(device)
+        noise = torch.randn(pad_to_multiple(x, f)[0].shape, generator=generator).to(device)
         with torch.no_grad():
-            x_hat = model.decode(model.encode(x), noise=noise, steps=steps, method=method).float().clamp(-1, 1)
+            x_hat = model.reconstruct(x, pad=True, noise=noise, steps=steps, method=method).float().clamp(-1, 1)
         x_hat_u8 = quantize_uint8(x_hat).cpu()
         psnr, _ = psnr_uint8(x_hat_u8, x_u8)
         for (path, _), a, b, p in zip(batch, x_u8, x_hat_u8, psnr.tolist()):
@@ -274,13 +298,22 @@ def reconstruct_files(
 def main_reconstruct(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dcssdae reconstruct",
-        description="Encode and decode image files; write OUT/<name>.png (input | reconstruction) and print the "
+        description="Encode and decode image files, each whole at its own size (sides padded to a multiple of the "
+        "compression factor and cropped back); write OUT/<name>.png (input | reconstruction) and print the "
         "PSNR of each (8-bit). Exit status 1 if any file could not be read.",
     )
     parser.add_argument("images", nargs="+", help="image files (any format PIL reads)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--model", required=True, help="export directory (`dcssdae export`) or .ckpt")
-    parser.add_argument("--size", type=int, default=256, help="short side resize + centre crop to SIZE x SIZE")
+    parser.add_argument("--size", type=int, default=None,
+                        help="short side resize + centre crop to SIZE x SIZE (default: the whole image at its size)")
+    parser.add_argument("--no-pad", action="store_true",
+                        help="refuse sides that are not multiples of the compression factor (default: reflect-pad "
+                        "them and crop the reconstruction back)")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="tiled encoding/decoding with TILE px tiles (a multiple of the compression factor), for "
+                        "large images in bounded memory")
+    parser.add_argument("--overlap", type=int, default=128, help="tile overlap in px (with --tile)")
     parser.add_argument("--steps", type=int, default=1,
                         help="sampler steps (default 1: the one-step decoder); 0 = the model's configured sampler")
     parser.add_argument("--sampler", default=None,
@@ -292,8 +325,10 @@ def main_reconstruct(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model = load_model(args.model, _device(args.device))
+        if args.tile is not None:
+            model.enable_tiling(args.tile, min(args.overlap, args.tile - model.downsample_factor))
         done, failed = reconstruct_files(model, args.images, args.out, args.size, args.steps or None, args.sampler,
-                                         args.seed, args.batch_size)
+                                         args.seed, args.batch_size, pad=not args.no_pad)
     except (ToolError, ValueError) as error:  # ValueError: a sampler setting the model rejects
         print(f"dcssdae reconstruct: error: {error}", file=sys.stderr)
         return 2
@@ -388,6 +423,7 @@ def write_latent_stats(export_dir: str | Path, stats: dict, shift: bool = False,
     config.setdefault("export", {})["latent_stats"] = {
         **stats, "data": data, "shift": shift, "date": _now(),
         "convention": "encode: (z - latent_shift) * latent_scale; decode: z_scaled / latent_scale + latent_shift",
+        "diffusers": {"scaling_factor": config["latent_scale"], "shift_factor": config["latent_shift"]},
     }
     write_json(config, config_path)
     return config
@@ -421,5 +457,6 @@ def main_latent_stats(argv: list[str] | None = None) -> int:
         return 2
     print(f"{stats['num_images']} images, {stats['num_values']} latent values: mean {stats['mean']:.6g}, "
           f"std {stats['std']:.6g} -> latent_scale {config['latent_scale']:.6g}, latent_shift "
-          f"{config['latent_shift']:.6g} written to {Path(args.model) / CONFIG_FILE}")
+          f"{config['latent_shift']:.6g} written to {Path(args.model) / CONFIG_FILE} (diffusers: scaling_factor, "
+          "shift_factor of AutoencoderDCSSD.from_pretrained(MODEL))")
     return 0

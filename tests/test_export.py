@@ -184,11 +184,11 @@ def test_load_model_bad_paths(tmp_path):
 # dcssdae reconstruct
 
 
-def write_png(path, seed: int, size: int = SIZE) -> np.ndarray:
-    """A smooth random RGB image (exactly SIZE x SIZE, so the tool's crop is the identity)."""
+def write_png(path, seed: int, size: int = SIZE, width: int | None = None) -> np.ndarray:
+    """A smooth random RGB image, size x size (or width wide)."""
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    img = Image.fromarray(small).resize((size, size), Image.BICUBIC)
+    img = Image.fromarray(small).resize((width or size, size), Image.BICUBIC)
     img.save(path)
     return np.asarray(img)
 
@@ -228,11 +228,34 @@ def test_reconstruct_is_deterministic_and_errors_are_clear(tmp_path, capsys):
     assert main_reconstruct([str(tmp_path / "a.png"), "--out", str(tmp_path / "r3"), "--model",
                              str(tmp_path / "nope")]) == 2
     assert "no model at" in capsys.readouterr().err
-    assert main_reconstruct([str(tmp_path / "a.png"), "--out", str(tmp_path / "r3"), *common[:2], "--size", "60"]) == 2
+    assert main_reconstruct([str(tmp_path / "a.png"), "--out", str(tmp_path / "r3"), *common[:2], "--size", "60",
+                             "--no-pad"]) == 2
     assert "multiple of" in capsys.readouterr().err
     assert main_reconstruct([str(tmp_path / "a.png"), "--out", str(tmp_path / "r3"), *common, "--sampler",
                              "euler"]) == 2
     assert "euler" in capsys.readouterr().err
+
+
+def test_reconstruct_keeps_any_image_whole_at_its_size(tmp_path, capsys):
+    """Default: no crop, sides padded to a multiple of f and cropped back; --no-pad refuses such a file; --tile
+    decodes in tiles."""
+    write_export(tiny_model(), tmp_path / "export")
+    original = write_png(tmp_path / "odd.png", 0, size=45, width=70)  # 70 x 45: neither a multiple of 8
+    write_png(tmp_path / "wide.png", 1, size=64, width=128)
+    common = ["--model", str(tmp_path / "export")]
+    assert main_reconstruct([str(tmp_path / "odd.png"), str(tmp_path / "wide.png"), "--out", str(tmp_path / "r"),
+                             *common]) == 0
+    pair = np.asarray(Image.open(tmp_path / "r" / "odd.png"))
+    assert pair.shape == (45, 140, 3) and np.array_equal(pair[:, :70], original)
+    assert np.asarray(Image.open(tmp_path / "r" / "wide.png")).shape == (64, 256, 3)
+    capsys.readouterr()
+    assert main_reconstruct([str(tmp_path / "odd.png"), "--out", str(tmp_path / "r2"), *common, "--no-pad"]) == 1
+    assert "not a multiple of the encoder's downsampling factor 8" in capsys.readouterr().out
+    assert main_reconstruct([str(tmp_path / "wide.png"), "--out", str(tmp_path / "r3"), *common, "--tile", "64",
+                             "--overlap", "32"]) == 0
+    tiled = np.asarray(Image.open(tmp_path / "r3" / "wide.png")).astype(np.float64)[:, 128:]
+    whole = np.asarray(Image.open(tmp_path / "r" / "wide.png")).astype(np.float64)[:, 128:]
+    assert tiled.shape == whole.shape and not np.array_equal(tiled, whole)  # the tiles did change the evaluation
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -264,3 +264,22 @@ def test_update_ignores_autocast():
             m.update(x_hat, x)
         results.append(m.compute())
     assert results[0] == results[1]
+
+
+def test_both_stlpips_variants_and_their_mean():
+    from dcssdae.metrics import ReconstructionMetrics, format_table
+
+    m = ReconstructionMetrics(rfid=False, lpips_variant=["stlpips_alex", "stlpips_vgg"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    m.update((x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1), x)
+    result = m.compute()
+    assert result["stlpips_alex"] > 0 and result["stlpips_vgg"] > 0
+    assert result["stlpips"] == pytest.approx((result["stlpips_alex"] + result["stlpips_vgg"]) / 2)
+    assert not any(k.startswith("perceptual") for k in m.state_dict())  # frozen nets stay out of checkpoints
+    table = format_table(result, {"bicubic": {"num_images": 2, "stlpips": 0.5}})
+    header, *rows = table.splitlines()
+    assert header.split() == ["model", "bicubic"]
+    assert any(r.startswith("ST-LPIPS, mean of Alex and VGG") and r.split()[-5] == "0.5000" for r in rows)
+    with pytest.raises(ValueError, match="unknown lpips_variant"):
+        ReconstructionMetrics(rfid=False, lpips_variant=["stlpips_alex", "dists"])
