@@ -89,8 +89,8 @@ class DCSSDAESystem(pl.LightningModule):
             encoder_overrides: constructor arguments replacing the encoder preset's (e.g. {double_latent: true}).
             decoder_overrides: constructor arguments replacing the decoder preset's.
             encoder_pretrained: encoder weights to start from (DC-AE / diffusers file or folder), or None.
-            sampler: decoding sampler {"method": ..., **settings} (dcssdae.sampling); default 8 EqM descent steps
-                with eta = 1/c(0), or 8 Euler steps for FM.
+            sampler: decoding sampler {"method": ..., **settings} (dcssdae.sampling); default 16 EqM descent steps
+                on the noise schedule (`DCSSDAE.default_sampler`), or 8 Euler steps for FM.
             sample_posterior: train the decoder on z ~ q(z|x) (True) or on its mean.
             loss_weights: weights of the named loss terms (eqm or fm, lpips or stlpips, repa, kl; distill for
                 DistillSystem); a term whose weight is 0 is not computed (and its network not loaded).
