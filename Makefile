@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 RUNS        ?= runs
 PHASE3_CKPT ?= $(RUNS)/phase3/checkpoints/last.ckpt
 
-.PHONY: install test test-fast bench bench-quality quickstart distill lint clean
+.PHONY: install test test-fast bench bench-quality quickstart cpu-recipe distill lint clean
 
 install:
 	python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]'
@@ -29,6 +29,30 @@ bench-quality:   # EqM vs FM at equal budget on the default photos (~30 min on 2
 
 quickstart:
 	$(PY) -m dcssdae.cli fit --config configs/quickstart.yaml
+
+# The whole recipe on a CPU (~45 min on 2 cores): phase 1 = the quick-start, phase 2 at twice the resolution,
+# phase 3, one-step distillation, export; then every stage and bicubic scored on the held-out photos.
+CPU_RUNS ?= $(RUNS)/cpu
+cpu-recipe:
+	$(PY) -m dcssdae.cli fit --config configs/quickstart.yaml --trainer.default_root_dir $(CPU_RUNS)/phase1
+	$(PY) -m dcssdae.cli fit --config configs/cpu/phase2.yaml --trainer.default_root_dir $(CPU_RUNS)/phase2 \
+		--model.init_from $(CPU_RUNS)/phase1/checkpoints/last.ckpt
+	$(PY) -m dcssdae.cli fit --config configs/cpu/phase3.yaml --trainer.default_root_dir $(CPU_RUNS)/phase3 \
+		--model.init_from $(CPU_RUNS)/phase2/checkpoints/last.ckpt
+	$(PY) -m dcssdae.cli fit --config configs/cpu/distill.yaml --trainer.default_root_dir $(CPU_RUNS)/distill \
+		--model.init_from $(CPU_RUNS)/phase3/checkpoints/last.ckpt
+	$(PY) -m dcssdae.cli export $(CPU_RUNS)/distill/checkpoints/last.ckpt $(CPU_RUNS)/export
+	$(PY) benchmarks/compare_models.py --out $(CPU_RUNS)/stages \
+		--model "phase 1=$(CPU_RUNS)/phase1/checkpoints/last.ckpt" \
+		--model "phase 2=$(CPU_RUNS)/phase2/checkpoints/last.ckpt" \
+		--model "phase 3 (teacher)=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@8" \
+		--model "phase 3, 1 step=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@1" \
+		--model "distilled (export), 1 step=$(CPU_RUNS)/export"
+	$(PY) benchmarks/compare_models.py --out $(CPU_RUNS)/distill_crops --val-shards default:crops --size 128 \
+		--batch 24 --picture-rows 4 \
+		--model "teacher, 8 steps=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@8" \
+		--model "student, 1 step=$(CPU_RUNS)/export" \
+		--model "undistilled, 1 step=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@1"
 
 distill:
 	$(PY) -m dcssdae.cli fit --config configs/distill.yaml --model.init_from $(PHASE3_CKPT)
