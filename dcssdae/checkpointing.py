@@ -40,6 +40,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from dcssdae.metrics import umask_mode
+
 log = logging.getLogger(__name__)
 
 
@@ -99,8 +101,6 @@ def check_finite(checkpoint: dict, path: str | os.PathLike) -> None:
 # Writing a file atomically: temp file beside the target, fsync, rename over the target, fsync the folder.
 # A reader sees the old file or the new one, never a partial one, even after a kill -9 or a power cut.
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)  # read once at import (os.umask can only be read by setting it)
 _HOST = socket.gethostname().replace(".", "_")
 
 
@@ -154,7 +154,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions open() would
+        os.chmod(temp, umask_mode())  # mkstemp creates 0600; give the file the permissions open() would
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -246,7 +246,74 @@ def use_atomic_checkpoint_io(trainer: pl.Trainer) -> pl.Trainer:
     CheckpointIO plugin (async, sharded, ...), which is kept."""
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    for callback in trainer.callbacks:
+        if isinstance(callback, RunCheckpoint):
+            callback.use_root_dir(trainer)
     return trainer
+
+
+# ------------------------------------------------------------------------------------------------
+# The run's checkpoint: <default_root_dir>/checkpoints/last.ckpt, written when the run ends as a pre-emption
+# would write it (so that extending a finished run with --ckpt_path continues exactly), and at every validation /
+# epoch end (so that a crash does not lose the run) even with save_top_k 0 and no every_n_train_steps.
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with three changes:
+
+    * `dirpath` None means `<trainer.default_root_dir>/checkpoints` (not the logger's version folder): two runs with
+      other root folders never share a file, and a phase finds the previous one at `runs/<phase>/checkpoints`.
+    * With `save_last`, `last.ckpt` is written after the run's final optimiser step, from `on_train_batch_end`
+      (max_steps, max_epochs, max_time or a stop request reached): the loop position is then that of a mid-epoch
+      checkpoint and the module holds the live weights. (Lightning writes it in `on_train_end`, after the epoch has
+      been marked complete and after the EMA callback copied the averaged weights into the module: a resume from
+      that file starts a new epoch from the EMA weights.)
+    * With `save_last`, `last.ckpt` is also rewritten at every validation end and training epoch end of `fit`.
+    """
+
+    def use_root_dir(self, trainer: pl.Trainer) -> None:
+        """dirpath None -> <default_root_dir>/checkpoints. Called when the trainer is built (`--ckpt_path last` is
+        looked up in dirpath before any setup hook) and again at setup."""
+        if self.dirpath is None:
+            folder = os.path.join(trainer.default_root_dir, "checkpoints")
+            self.dirpath = os.path.realpath(folder) if _local_path(folder) is not None else folder
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.use_root_dir(trainer)
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            rank_zero_info(f"checkpoints: {self.dirpath}" + (" (last.ckpt)" if self.save_last else ""))
+
+    @staticmethod
+    def run_ends_after_this_batch(trainer: pl.Trainer) -> bool:
+        """Whether the training batch just finished is the run's last one (checked in `on_train_batch_end`)."""
+        loop = trainer.fit_loop
+        if trainer.should_stop:  # max_time, early stopping, a callback's request
+            return trainer.global_step >= loop.min_steps if loop.min_steps else True
+        if loop.max_steps != -1 and trainer.global_step >= loop.max_steps:
+            return True
+        last_epoch = loop.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= loop.max_epochs
+        return last_epoch and loop.epoch_loop.batch_progress.is_last_batch
+
+    def _save_last_now(self, trainer: pl.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.run_ends_after_this_batch(trainer):
+            self._save_last_now(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._save_last_now(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_last_now(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save_last_now(trainer)  # only if no step end saved it (e.g. an epoch without batches)
 
 
 # ------------------------------------------------------------------------------------------------

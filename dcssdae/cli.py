@@ -84,12 +84,12 @@ def _expand_config(value: str, chain: tuple[Path, ...]) -> list[str]:
 
 def make_cli_class():
     """The LightningCLI subclass (built on demand so that `dcssdae shards ...` does not import Lightning)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
     from dcssdae.callbacks import EMA, ReconstructionGrid, Throughput
     from dcssdae.checkpointing import (
         PreemptionCheckpoint,
+        RunCheckpoint,
         StepSeed,
         load_checkpoint,
         use_atomic_checkpoint_io,
@@ -99,8 +99,9 @@ def make_cli_class():
     class DCSSDAECLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(EMA, "ema")
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-            # keep one file, <dirpath>/last.ckpt, rewritten at every save (phases chain through it)
+            parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+            # keep one file, <default_root_dir>/checkpoints/last.ckpt, rewritten at every save (phases chain
+            # through it; see RunCheckpoint)
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
                                  "checkpoint.enable_version_counter": False})
             parser.add_lightning_class_args(ReconstructionGrid, "grid")

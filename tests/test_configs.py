@@ -79,7 +79,9 @@ def test_each_phase_starts_from_the_previous_phases_checkpoint():
     chain = ["phase1", "phase2", "phase3", "distill"]
     configs = {name: resolved(ROOT / "configs" / f"{name}.yaml") for name in chain}
     for previous, current in itertools.pairwise(chain):
-        expected = f"{configs[previous]['checkpoint']['dirpath']}/last.ckpt"
+        # no config pins checkpoint.dirpath: a run's checkpoints are <default_root_dir>/checkpoints (RunCheckpoint)
+        assert configs[previous]["checkpoint"]["dirpath"] is None
+        expected = f"{configs[previous]['trainer']['default_root_dir']}/checkpoints/last.ckpt"
         assert configs[current]["model"]["init_args"]["init_from"] == expected
     assert configs["phase1"]["model"]["init_args"]["init_from"] is None
     assert configs["phase2"]["data"]["image_size"] == 512 and configs["phase3"]["data"]["image_size"] == 256
