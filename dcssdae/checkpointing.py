@@ -281,8 +281,10 @@ class RunCheckpoint(ModelCheckpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.use_root_dir(trainer)
         super().setup(trainer, pl_module, stage)
-        if stage == "fit":
-            rank_zero_info(f"checkpoints: {self.dirpath}" + (" (last.ckpt)" if self.save_last else ""))
+        if stage == "fit":  # the run says where it writes (trainer.log_dir is a collective under DDP: every rank)
+            log_dir = trainer.log_dir
+            rank_zero_info(f"checkpoints: {self.dirpath}" + (" (last.ckpt)" if self.save_last else "")
+                           + f"; logs, config.yaml and reconstructions: {log_dir}")
 
     @staticmethod
     def run_ends_after_this_batch(trainer: pl.Trainer) -> bool:
@@ -314,6 +316,30 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save_last_now(trainer)  # only if no step end saved it (e.g. an epoch without batches)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        close_finished_epoch(checkpoint, trainer.num_training_batches)
+
+
+def close_finished_epoch(checkpoint: dict, batches_per_epoch: float) -> None:
+    """Record an epoch whose batches have all been trained on as complete in the checkpoint's loop state.
+
+    A checkpoint written after an epoch's last batch (at its batch end, validation or a pre-emption) but before
+    Lightning marked the epoch complete is resumed by Lightning 2.6 into an extra, empty epoch: the run then
+    continues in epoch e + 2, with the data and the per-batch seeds of that epoch instead of e + 1's. Written as
+    "epoch e done, e + 1 not started", it resumes at batch 0 of epoch e + 1, as the uninterrupted run went on.
+    """
+    loops = checkpoint.get("loops", {}).get("fit_loop")
+    if not loops or "epoch_loop.batch_progress" not in loops or batches_per_epoch == float("inf"):
+        return
+    batch, epoch = loops["epoch_loop.batch_progress"], loops["epoch_progress"]
+    if batch["current"]["processed"] < batches_per_epoch or epoch["current"]["processed"] == epoch["current"]["ready"]:
+        return  # mid-epoch, or the epoch is already recorded as processed (Lightning resumes that one itself)
+    for progress in (epoch["total"], epoch["current"]):  # epoch e: ready, started, processed, completed
+        progress.update(processed=progress["started"], completed=progress["started"])
+    batch["total"]["completed"] = batch["total"]["processed"]
+    batch["current"] = {key: 0 for key in batch["current"]}
+    batch["is_last_batch"] = False
 
 
 # ------------------------------------------------------------------------------------------------

@@ -75,7 +75,8 @@ class RecordLive(Callback):
         Path(trainer.default_root_dir, "started.json").write_text(json.dumps(trainer.global_step))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        print(f"STEP {trainer.global_step}", flush=True)
+        print(f"STEP {trainer.global_step} epoch {trainer.current_epoch} batch {batch_idx} "
+              f"at {trainer.datamodule.train_position} {batch['key']}", flush=True)
         if trainer.global_step == trainer.max_steps:
             live = {k: v.detach().clone() for k, v in pl_module.ae.state_dict().items()}
             torch.save(live, Path(trainer.default_root_dir, "live.pt"))
