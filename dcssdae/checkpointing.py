@@ -347,6 +347,9 @@ def close_finished_epoch(checkpoint: dict, batches_per_epoch: float) -> None:
 # write <checkpoint dir>/last.ckpt, exit. `dcssdae fit --ckpt_path last` then resumes from it.
 
 
+preempted_checkpoint: str | None = None  # set once a pre-emption checkpoint was written (read by dcssdae.cli.main)
+
+
 class PreemptionCheckpoint(Callback):
     """Write a checkpoint when the run is stopped by SIGTERM or a first Ctrl+C (SIGINT), then exit.
 
@@ -379,9 +382,44 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Installed here, after Lightning registered its own handlers (which it restores at teardown).
+        self._trainer, self._interrupts = trainer, 0
         if self.handle_sigint and threading.current_thread() is threading.main_thread():
-            self._trainer, self._interrupts = trainer, 0
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    # -- SIGTERM to the whole process group ------------------------------------------------------
+    # `timeout`, container runtimes and schedulers signal every process of the job: the data-loader workers die at
+    # once, and torch's SIGCHLD handler then raises "DataLoader worker ... killed by signal" in the main process,
+    # wherever it is. Once a stop was requested that error is expected: the main process ignores it, finishes the
+    # step and saves (a worker death without a stop request is still an error). If the main process was waiting for
+    # a batch, the loader raises instead; on_exception saves then too (the step before it was complete).
+
+    @staticmethod
+    def _stop_requested(trainer: pl.Trainer | None) -> bool:
+        return trainer is not None and bool(getattr(trainer, "received_sigterm", False))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # torch installs its SIGCHLD handler when the first multi-worker loader starts: wrap it once it is there.
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGCHLD"):
+            return
+        current = signal.getsignal(signal.SIGCHLD)
+        if callable(current) and not getattr(current, "_dcssdae_tolerant", False):
+            signal.signal(signal.SIGCHLD, self._tolerant_sigchld(current))
+
+    def _tolerant_sigchld(self, previous):
+        def handler(signum, frame):
+            try:
+                previous(signum, frame)
+            except RuntimeError:
+                if not self._stop_requested(self._trainer):
+                    raise
+
+        handler._dcssdae_tolerant = True
+        return handler
+
+    @staticmethod
+    def _worker_died(exception: BaseException) -> bool:
+        return isinstance(exception, RuntimeError) and "DataLoader worker" in str(exception)
 
     def _on_sigint(self, signum, frame) -> None:
         self._interrupts += 1
@@ -409,7 +447,9 @@ class PreemptionCheckpoint(Callback):
     # -- the save --------------------------------------------------------------------------------
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+        stopped = isinstance(exception, SIGTERMException) or (self._stop_requested(trainer)
+                                                              and self._worker_died(exception))
+        if not stopped or trainer.state.fn != "fit":
             return
         path = self.ckpt_path(trainer)
         try:
@@ -418,6 +458,8 @@ class PreemptionCheckpoint(Callback):
             log.error("pre-emption checkpoint not written: %s", e)
             return
         self.saved_path = path
+        global preempted_checkpoint
+        preempted_checkpoint = path
         rank_zero_info(f"Pre-empted at step {trainer.global_step} (epoch {trainer.current_epoch}): checkpoint "
                        f"written to {path}; resume with `dcssdae fit ... --ckpt_path {path}` (or `--ckpt_path last`)")
 

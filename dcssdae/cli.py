@@ -317,7 +317,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dcssdae: error: {user_message(error)}\n(set DCSSDAE_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 1
+    except RuntimeError as error:  # SIGTERM to the process group: the data workers died first (see checkpointing)
+        if not _preempted(error):
+            raise
+        return 143
     return 0
+
+
+def _preempted(error: BaseException) -> bool:
+    """A data-loader worker's death after a SIGTERM to the process group, once PreemptionCheckpoint has saved."""
+    from dcssdae import checkpointing
+
+    return "DataLoader worker" in str(error) and checkpointing.preempted_checkpoint is not None
 
 
 # Errors that report bad input (a config, a file, the data) in their message: shown as one message, no traceback.

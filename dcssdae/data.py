@@ -509,15 +509,6 @@ def _resolve_default(train: str | list[str] | None, val: str | list[str] | None)
     )
 
 
-def ignore_sigterm(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: a worker ignores SIGTERM. A job stopped by SIGTERM to its whole process group
-    (`timeout`, container runtimes, schedulers) must not lose its workers before the main process has finished the
-    step and saved (dcssdae.checkpointing.PreemptionCheckpoint); the workers end with the main process."""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 class ImageNetDataModule(L.LightningDataModule):
     """ImageNet (or any image set) from WebDataset shards, as `{"image", "label", "key"}` batches.
 
@@ -634,7 +625,6 @@ class ImageNetDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            worker_init_fn=ignore_sigterm,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -669,7 +659,6 @@ class ImageNetDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            worker_init_fn=ignore_sigterm,
         )
 
     def _train_start(self) -> tuple[int, int] | None:
