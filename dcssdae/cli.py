@@ -144,9 +144,7 @@ def make_cli_class():
 
         def before_instantiate_classes(self) -> None:
             subcommand = self.config.get("subcommand")
-            if subcommand is None:
-                return
-            config = self.config[subcommand]
+            config = self.config[subcommand] if subcommand else self.config
             # validate / test score the whole set unless the command line limits it (a config's limit_val_batches
             # is for the periodic validation during fit)
             limit = {"validate": "limit_val_batches", "test": "limit_test_batches"}.get(subcommand)
