@@ -10,6 +10,8 @@ Where the weights live in a `.ckpt` written during `dcssdae fit` (read by `dcssd
   (`dcssdae fit --ckpt_path`). Absent when the run has no EMA (`--ema.decay 0`), in which case
   `state_dict` holds the live weights.
 - `checkpoint["callbacks"]["EMA"]`: `{"num_updates", "decay", "start_step"}`.
+  Both hold what they name in every checkpoint, the end-of-run one included (after `fit` the module holds the EMA
+  weights, and the live ones are kept aside for it and for a later `fit`).
 - `checkpoint["dcssdae_config"]`: `DCSSDAE.config()`, the JSON-able dict that rebuilds the network
   (`DCSSDAE.from_config`); written by `DCSSDAESystem.on_save_checkpoint`.
 
@@ -42,6 +44,9 @@ class EMA(Callback):
             decay: EMA decay per update (SSDD 0.999, EqM 0.9999). 0 turns the EMA off.
             start_step: before this optimiser step the EMA simply follows the live weights (decay 0).
             every_n_steps: update the EMA every N optimiser steps.
+
+        Under gradient accumulation (`trainer.accumulate_grad_batches`) the EMA updates once per optimiser step,
+        not per micro-batch: its warm-up and `start_step` count optimiser steps.
         """
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
@@ -51,7 +56,9 @@ class EMA(Callback):
         self.num_updates = 0  # updates since start_step (drives the warm-up)
         self.ema: list[torch.Tensor] | None = None  # aligned with _live_tensors(pl_module)
         self._loaded: dict[str, torch.Tensor] | None = None  # EMA read from a checkpoint before setup
-        self._swapped = False  # the module holds the EMA (during validation), self.ema the live weights
+        self._swapped = False  # the module holds the EMA (validation, after fit), self.ema the live weights
+        self._swapped_for_validation = False
+        self._last_step: int | None = None  # trainer.global_step at the last update check
 
     @property
     def state_key(self) -> str:
@@ -70,9 +77,17 @@ class EMA(Callback):
         self.ema = [source[name].detach().to(t.device, t.dtype, copy=True) for name, t in live.items()]
         self._loaded = None
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.ema is not None and self._swapped:  # a second fit of the same module: the live weights back in
+            self._swap(pl_module)
+        self._last_step = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # optimiser steps taken so far
-        if self.ema is None or step % self.every_n_steps:
+        if self.ema is None or step == self._last_step:  # no optimiser step since the last call (accumulating)
+            return
+        self._last_step = step
+        if step % self.every_n_steps:
             return
         live = list(self._live(pl_module).values())
         if step < self.start_step:
@@ -92,18 +107,20 @@ class EMA(Callback):
         self._swapped = not self._swapped
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        if self.ema is not None:
+        if self.ema is not None and not self._swapped:
             self._swap(pl_module)
+            self._swapped_for_validation = True
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if self.ema is not None:
+        if self._swapped_for_validation:
             self._swap(pl_module)
+            self._swapped_for_validation = False
 
     def on_train_end(self, trainer, pl_module) -> None:
-        # Like Lightning's WeightAveraging: after fit the module holds the averaged weights.
-        if self.ema is not None:
-            with torch.no_grad():
-                torch._foreach_copy_(list(self._live(pl_module).values()), self.ema)
+        # Like Lightning's WeightAveraging: after fit the module holds the averaged weights. The live ones are kept
+        # (swapped, not overwritten), so that a checkpoint written now still resumes from them.
+        if self.ema is not None and not self._swapped:
+            self._swap(pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         return {"num_updates": self.num_updates, "decay": self.decay, "start_step": self.start_step}

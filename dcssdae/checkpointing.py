@@ -40,6 +40,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from dcssdae.metrics import umask_mode
+
 log = logging.getLogger(__name__)
 
 
@@ -99,8 +101,6 @@ def check_finite(checkpoint: dict, path: str | os.PathLike) -> None:
 # Writing a file atomically: temp file beside the target, fsync, rename over the target, fsync the folder.
 # A reader sees the old file or the new one, never a partial one, even after a kill -9 or a power cut.
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)  # read once at import (os.umask can only be read by setting it)
 _HOST = socket.gethostname().replace(".", "_")
 
 
@@ -154,7 +154,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the permissions open() would
+        os.chmod(temp, umask_mode())  # mkstemp creates 0600; give the file the permissions open() would
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -246,12 +246,108 @@ def use_atomic_checkpoint_io(trainer: pl.Trainer) -> pl.Trainer:
     CheckpointIO plugin (async, sharded, ...), which is kept."""
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    for callback in trainer.callbacks:
+        if isinstance(callback, RunCheckpoint):
+            callback.use_root_dir(trainer)
     return trainer
+
+
+# ------------------------------------------------------------------------------------------------
+# The run's checkpoint: <default_root_dir>/checkpoints/last.ckpt, written when the run ends as a pre-emption
+# would write it (so that extending a finished run with --ckpt_path continues exactly), and at every validation /
+# epoch end (so that a crash does not lose the run) even with save_top_k 0 and no every_n_train_steps.
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with three changes:
+
+    * `dirpath` None means `<trainer.default_root_dir>/checkpoints` (not the logger's version folder): two runs with
+      other root folders never share a file, and a phase finds the previous one at `runs/<phase>/checkpoints`.
+    * With `save_last`, `last.ckpt` is written after the run's final optimiser step, from `on_train_batch_end`
+      (max_steps, max_epochs, max_time or a stop request reached): the loop position is then that of a mid-epoch
+      checkpoint and the module holds the live weights. (Lightning writes it in `on_train_end`, after the epoch has
+      been marked complete and after the EMA callback copied the averaged weights into the module: a resume from
+      that file starts a new epoch from the EMA weights.)
+    * With `save_last`, `last.ckpt` is also rewritten at every validation end and training epoch end of `fit`.
+    """
+
+    def use_root_dir(self, trainer: pl.Trainer) -> None:
+        """dirpath None -> <default_root_dir>/checkpoints. Called when the trainer is built (`--ckpt_path last` is
+        looked up in dirpath before any setup hook) and again at setup."""
+        if self.dirpath is None:
+            folder = os.path.join(trainer.default_root_dir, "checkpoints")
+            self.dirpath = os.path.realpath(folder) if _local_path(folder) is not None else folder
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.use_root_dir(trainer)
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":  # the run says where it writes (trainer.log_dir is a collective under DDP: every rank)
+            log_dir = trainer.log_dir
+            rank_zero_info(f"checkpoints: {self.dirpath}" + (" (last.ckpt)" if self.save_last else "")
+                           + f"; logs, config.yaml and reconstructions: {log_dir}")
+
+    @staticmethod
+    def run_ends_after_this_batch(trainer: pl.Trainer) -> bool:
+        """Whether the training batch just finished is the run's last one (checked in `on_train_batch_end`)."""
+        loop = trainer.fit_loop
+        if trainer.should_stop:  # max_time, early stopping, a callback's request
+            return trainer.global_step >= loop.min_steps if loop.min_steps else True
+        if loop.max_steps != -1 and trainer.global_step >= loop.max_steps:
+            return True
+        last_epoch = loop.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= loop.max_epochs
+        return last_epoch and loop.epoch_loop.batch_progress.is_last_batch
+
+    def _save_last_now(self, trainer: pl.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.run_ends_after_this_batch(trainer):
+            self._save_last_now(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._save_last_now(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_last_now(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save_last_now(trainer)  # only if no step end saved it (e.g. an epoch without batches)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        close_finished_epoch(checkpoint, trainer.num_training_batches)
+
+
+def close_finished_epoch(checkpoint: dict, batches_per_epoch: float) -> None:
+    """Record an epoch whose batches have all been trained on as complete in the checkpoint's loop state.
+
+    A checkpoint written after an epoch's last batch (at its batch end, validation or a pre-emption) but before
+    Lightning marked the epoch complete is resumed by Lightning 2.6 into an extra, empty epoch: the run then
+    continues in epoch e + 2, with the data and the per-batch seeds of that epoch instead of e + 1's. Written as
+    "epoch e done, e + 1 not started", it resumes at batch 0 of epoch e + 1, as the uninterrupted run went on.
+    """
+    loops = checkpoint.get("loops", {}).get("fit_loop")
+    if not loops or "epoch_loop.batch_progress" not in loops or batches_per_epoch == float("inf"):
+        return
+    batch, epoch = loops["epoch_loop.batch_progress"], loops["epoch_progress"]
+    if batch["current"]["processed"] < batches_per_epoch or epoch["current"]["processed"] == epoch["current"]["ready"]:
+        return  # mid-epoch, or the epoch is already recorded as processed (Lightning resumes that one itself)
+    for progress in (epoch["total"], epoch["current"]):  # epoch e: ready, started, processed, completed
+        progress.update(processed=progress["started"], completed=progress["started"])
+    batch["total"]["completed"] = batch["total"]["processed"]
+    batch["current"] = {key: 0 for key in batch["current"]}
+    batch["is_last_batch"] = False
 
 
 # ------------------------------------------------------------------------------------------------
 # Pre-emption: SIGTERM (and a first Ctrl+C, turned into the same graceful stop) -> finish the current step,
 # write <checkpoint dir>/last.ckpt, exit. `dcssdae fit --ckpt_path last` then resumes from it.
+
+
+preempted_checkpoint: str | None = None  # set once a pre-emption checkpoint was written (read by dcssdae.cli.main)
 
 
 class PreemptionCheckpoint(Callback):
@@ -286,9 +382,44 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Installed here, after Lightning registered its own handlers (which it restores at teardown).
+        self._trainer, self._interrupts = trainer, 0
         if self.handle_sigint and threading.current_thread() is threading.main_thread():
-            self._trainer, self._interrupts = trainer, 0
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    # -- SIGTERM to the whole process group ------------------------------------------------------
+    # `timeout`, container runtimes and schedulers signal every process of the job: the data-loader workers die at
+    # once, and torch's SIGCHLD handler then raises "DataLoader worker ... killed by signal" in the main process,
+    # wherever it is. Once a stop was requested that error is expected: the main process ignores it, finishes the
+    # step and saves (a worker death without a stop request is still an error). If the main process was waiting for
+    # a batch, the loader raises instead; on_exception saves then too (the step before it was complete).
+
+    @staticmethod
+    def _stop_requested(trainer: pl.Trainer | None) -> bool:
+        return trainer is not None and bool(getattr(trainer, "received_sigterm", False))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # torch installs its SIGCHLD handler when the first multi-worker loader starts: wrap it once it is there.
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGCHLD"):
+            return
+        current = signal.getsignal(signal.SIGCHLD)
+        if callable(current) and not getattr(current, "_dcssdae_tolerant", False):
+            signal.signal(signal.SIGCHLD, self._tolerant_sigchld(current))
+
+    def _tolerant_sigchld(self, previous):
+        def handler(signum, frame):
+            try:
+                previous(signum, frame)
+            except RuntimeError:
+                if not self._stop_requested(self._trainer):
+                    raise
+
+        handler._dcssdae_tolerant = True
+        return handler
+
+    @staticmethod
+    def _worker_died(exception: BaseException) -> bool:
+        return isinstance(exception, RuntimeError) and "DataLoader worker" in str(exception)
 
     def _on_sigint(self, signum, frame) -> None:
         self._interrupts += 1
@@ -316,7 +447,9 @@ class PreemptionCheckpoint(Callback):
     # -- the save --------------------------------------------------------------------------------
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+        stopped = isinstance(exception, SIGTERMException) or (self._stop_requested(trainer)
+                                                              and self._worker_died(exception))
+        if not stopped or trainer.state.fn != "fit":
             return
         path = self.ckpt_path(trainer)
         try:
@@ -325,6 +458,8 @@ class PreemptionCheckpoint(Callback):
             log.error("pre-emption checkpoint not written: %s", e)
             return
         self.saved_path = path
+        global preempted_checkpoint
+        preempted_checkpoint = path
         rank_zero_info(f"Pre-empted at step {trainer.global_step} (epoch {trainer.current_epoch}): checkpoint "
                        f"written to {path}; resume with `dcssdae fit ... --ckpt_path {path}` (or `--ckpt_path last`)")
 

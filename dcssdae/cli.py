@@ -84,12 +84,12 @@ def _expand_config(value: str, chain: tuple[Path, ...]) -> list[str]:
 
 def make_cli_class():
     """The LightningCLI subclass (built on demand so that `dcssdae shards ...` does not import Lightning)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
     from dcssdae.callbacks import EMA, ReconstructionGrid, Throughput
     from dcssdae.checkpointing import (
         PreemptionCheckpoint,
+        RunCheckpoint,
         StepSeed,
         load_checkpoint,
         use_atomic_checkpoint_io,
@@ -99,8 +99,9 @@ def make_cli_class():
     class DCSSDAECLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(EMA, "ema")
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-            # keep one file, <dirpath>/last.ckpt, rewritten at every save (phases chain through it)
+            parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+            # keep one file, <default_root_dir>/checkpoints/last.ckpt, rewritten at every save (phases chain
+            # through it; see RunCheckpoint)
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
                                  "checkpoint.enable_version_counter": False})
             parser.add_lightning_class_args(ReconstructionGrid, "grid")
@@ -121,16 +122,125 @@ def make_cli_class():
             parser.error = explain_parse_errors(parser.error)
             return parser
 
+        def parse_arguments(self, parser, args) -> None:
+            self.given_args = list(sys.argv[1:] if args is None else args)  # what the user typed
+            super().parse_arguments(parser, args)
+
         def _parse_ckpt_path(self) -> None:
-            # LightningCLI reads the hyperparameters of --ckpt_path here (torch.load, weights_only=True); a corrupt
-            # or unsafe file is reported by our loader, naming the file and the problem.
-            try:
-                super()._parse_ckpt_path()
-            except Exception:
-                load_checkpoint(self.config[self.config.subcommand]["ckpt_path"])  # raises CheckpointLoadError
-                raise
+            # LightningCLI writes every hyperparameter of --ckpt_path back over the parsed config here, silently
+            # dropping what the command line said. Ours: see reconcile_with_checkpoint. A corrupt or unsafe file is
+            # reported by our loader (weights only), naming the file and the problem.
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if not ckpt_path or not Path(ckpt_path).is_file():
+                return  # none, "last" / "best" (resolved by the trainer), or missing (reported by the trainer)
+            hparams = dict(load_checkpoint(ckpt_path).get("hyper_parameters", {}))
+            model = self.config[subcommand]["model"]
+            taken = reconcile_with_checkpoint(model["class_path"], namespace_dict(model.get("init_args")), hparams,
+                                              ckpt_path)
+            if taken:
+                update = {subcommand: {"model": {"class_path": model["class_path"], "init_args": taken}}}
+                self.config = self.parser.parse_object(update, self.config)
+
+        def before_instantiate_classes(self) -> None:
+            subcommand = self.config.get("subcommand")
+            config = self.config[subcommand] if subcommand else self.config
+            # validate / test score the whole set unless the command line limits it (a config's limit_val_batches
+            # is for the periodic validation during fit)
+            limit = {"validate": "limit_val_batches", "test": "limit_test_batches"}.get(subcommand)
+            if limit and not any(a == f"--trainer.{limit}" or a.startswith(f"--trainer.{limit}=")
+                                 for a in self.given_args):
+                config["trainer"][limit] = None
+            keep_logs_in_run_folder(config["trainer"])
 
     return DCSSDAECLI
+
+
+# ------------------------------------------------------------------------------------------------
+# --ckpt_path and the settings of the command line. The network must be the checkpoint's: an architecture setting
+# given with another value than the checkpoint's is an error (one line, naming it and both values). Every other
+# setting given (sampler, val_steps, val_* metrics, val_seed, predict_dir, lr, ...) wins over the checkpoint's.
+# "Given" means: differs from the model's default; a setting left at its default takes the checkpoint's value.
+
+ARCHITECTURE = ("encoder", "decoder", "encoder_overrides", "decoder_overrides", "corruption")
+
+
+def namespace_dict(value):
+    """A jsonargparse Namespace (nested) as plain dicts; other values unchanged."""
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    return value
+
+
+def _normal(name: str, value):
+    """A setting's value in a form that compares equal when it means the same (None overrides = {}, full
+    corruption and loss-weight dicts, lists for tuples)."""
+    import dataclasses
+    import json
+
+    value = namespace_dict(value)
+    if name in ("encoder_overrides", "decoder_overrides"):
+        value = value or {}
+    elif name == "corruption":
+        from dcssdae.autoencoder import build_corruption, corruption_config
+
+        value = corruption_config(build_corruption(value))
+    elif name == "loss_weights":
+        from dcssdae.losses import LossWeights
+
+        value = dataclasses.asdict(LossWeights(**value) if isinstance(value, dict) else value or LossWeights())
+    return json.loads(json.dumps(value, default=str))
+
+
+def model_defaults(class_path: str) -> dict:
+    """{argument: default} of a LightningModule class's __init__, through its base classes."""
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    defaults = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass):
+            for param in inspect.signature(klass.__init__).parameters.values():
+                if param.default is not inspect.Parameter.empty:
+                    defaults[param.name] = param.default
+    return defaults
+
+
+def reconcile_with_checkpoint(class_path: str, given: dict | None, hparams: dict, ckpt_path) -> dict:
+    """The settings to take from the checkpoint's hyperparameters (those left at their default); raises ValueError
+    when the model class or an architecture setting given contradicts the checkpoint."""
+    hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
+    saved_class = hparams.pop("_class_path", class_path)
+    if saved_class != class_path:
+        raise ValueError(f"--ckpt_path {ckpt_path}: the checkpoint holds a {saved_class}, the config gives "
+                         f"model.class_path {class_path}")
+    given, defaults, taken = given or {}, model_defaults(class_path), {}
+    for name, saved in hparams.items():
+        if name not in defaults and name not in given:
+            continue
+        value = given.get(name, defaults.get(name))
+        if _normal(name, value) == _normal(name, saved):
+            continue
+        if name in defaults and _normal(name, value) == _normal(name, defaults[name]):
+            taken[name] = saved  # not given: the checkpoint's
+        elif name in ARCHITECTURE:
+            raise ValueError(f"--ckpt_path {ckpt_path}: model.{name} is {_normal(name, saved)!r} in the checkpoint "
+                             f"but {_normal(name, value)!r} was given; the network must be the checkpoint's (drop "
+                             f"the setting, or start a new run from these weights with --model.init_from)")
+    return taken
+
+
+def keep_logs_in_run_folder(trainer_config) -> None:
+    """A W&B logger without a save_dir writes (and LightningCLI's config.yaml and our PNGs follow trainer.log_dir)
+    into the current directory, shared by every run: put it in the run's default_root_dir instead."""
+    loggers = trainer_config.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        class_path = getattr(logger, "class_path", None) or (logger.get("class_path") if isinstance(logger, dict)
+                                                            else None)
+        if not class_path or not class_path.endswith("WandbLogger"):
+            continue
+        init_args = logger["init_args"]
+        if init_args.get("save_dir") in (None, ".", "./") and init_args.get("dir") in (None, ".", "./"):
+            init_args["save_dir"] = trainer_config.get("default_root_dir") or "."
 
 
 def model_arguments_help() -> str:
@@ -205,7 +315,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dcssdae: error: {user_message(error)}\n(set DCSSDAE_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 1
+    except RuntimeError as error:  # SIGTERM to the process group: the data workers died first (see checkpointing)
+        if not _preempted(error):
+            raise
+        return 143
     return 0
+
+
+def _preempted(error: BaseException) -> bool:
+    """A data-loader worker's death after a SIGTERM to the process group, once PreemptionCheckpoint has saved."""
+    from dcssdae import checkpointing
+
+    return "DataLoader worker" in str(error) and checkpointing.preempted_checkpoint is not None
 
 
 # Errors that report bad input (a config, a file, the data) in their message: shown as one message, no traceback.

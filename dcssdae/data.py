@@ -650,6 +650,9 @@ class ImageNetDataModule(L.LightningDataModule):
                 "(write shards with `dcssdae shards SRC OUT`)"
             )
         self.classes = manifest_classes(self.train_urls)
+        if self.trainer is None or self.trainer.is_global_zero:  # where the run reads (default photos: built here)
+            print(f"data: {len(self.train_urls)} training shards, e.g. {self.train_urls[0]}; "
+                  f"{len(self.val_urls)} validation shards, e.g. {self.val_urls[0]}")
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer

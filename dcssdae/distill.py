@@ -14,6 +14,9 @@ standing in for the data, plus LPIPS between the two images:
 (For EqM the first term is c(0)^2 * |x_student - x_teacher|^2, for FM exactly |x_student - x_teacher|^2.) The terms are
 logged as train/distill and train/lpips (or train/stlpips); their weights are `loss_weights.distill` and `.lpips`.
 Only the student's decoder trains; the encoder is frozen. Validation decodes in one step.
+
+Checkpoints hold the student (and its EMA), not the teacher: the teacher is `init_from`'s model, which a resume
+(`--ckpt_path`) or `load_from_checkpoint` reads again from that file (so it must still be there).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import copy
 
 import torch
 
+from dcssdae.autoencoder import load_weights
 from dcssdae.corruption import FlowMatching
 from dcssdae.system import DCSSDAESystem
 
@@ -45,12 +49,31 @@ class DistillSystem(DCSSDAESystem):
         self.teacher = copy.deepcopy(self.ae).requires_grad_(False).eval()  # weights: setup() or the checkpoint
 
     def setup(self, stage: str) -> None:
-        new_run = stage == "fit" and self.trainer.ckpt_path is None  # (a resumed run has its teacher in the ckpt)
+        new_run = stage == "fit" and self.trainer.ckpt_path is None  # (a resumed run: see on_load_checkpoint)
         if new_run and not self.init_from:
             raise ValueError("distillation needs a teacher: set model.init_from to the phase-3 checkpoint")
         super().setup(stage)  # loads init_from into the student
         if new_run:
             self.teacher.load_state_dict(self.ae.state_dict())
+
+    # The frozen teacher is init_from's model: not written into checkpoints, read again from init_from on load.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        for key in ("state_dict", "current_model_state"):
+            if key in checkpoint:
+                checkpoint[key] = {k: v for k, v in checkpoint[key].items() if not k.startswith("teacher.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if any(k.startswith("teacher.") for k in checkpoint.get("state_dict", {})):
+            return  # an older checkpoint that carries its teacher
+        if not self.init_from:
+            raise ValueError("this distillation checkpoint does not hold its teacher: set model.init_from to the "
+                             "teacher's checkpoint (the phase-3 run it was distilled from)")
+        _, teacher = load_weights(self.init_from)
+        for key in ("state_dict", "current_model_state"):
+            if key in checkpoint:
+                checkpoint[key].update({f"teacher.{k}": v for k, v in teacher.items()})
 
     def train(self, mode: bool = True) -> DistillSystem:
         super().train(mode)

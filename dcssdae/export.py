@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from dcssdae.metrics import write_json  # atomic JSON write
+from dcssdae.metrics import umask_mode, write_json  # atomic JSON write; a new file's mode
 
 EXPORT_FORMAT = "dcssdae-export-1"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -91,6 +91,8 @@ def write_export(model, out_dir: str | Path, metadata: dict[str, Any] | None = N
     try:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "dcssdae_export": EXPORT_FORMAT})
         write_json(config, tmp / CONFIG_FILE)
+        os.chmod(tmp / WEIGHTS_FILE, umask_mode())
+        os.chmod(tmp, umask_mode(0o777))  # mkdtemp made it owner-only
         if out_dir.exists():  # overwrite: move the old one aside, put the new one in, delete the old one
             old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
             os.replace(out_dir, old / out_dir.name)

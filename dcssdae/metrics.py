@@ -150,6 +150,7 @@ def convert_fid_helper_inception(torchscript_path: str | os.PathLike, out_path: 
     os.close(fd)
     try:
         torch.save(converted, tmp)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, out_path)
     finally:
         if os.path.exists(tmp):
@@ -471,6 +472,14 @@ def finite_or_none(tree: Any) -> Any:
     return None if isinstance(tree, float) and not math.isfinite(tree) else tree
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """The permissions `open()` / `mkdir()` would give a new file (0o666) or folder (0o777) under the current umask
+    (tempfile.mkstemp / mkdtemp create owner-only 0600 / 0700; atomic writers chmod their result to this)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def write_json(metrics: dict, path: str | os.PathLike) -> Path:
     """Write `metrics` (any JSON tree) to `path` as JSON, atomically; nan and inf become null at any depth."""
     clean = finite_or_none(metrics)
@@ -481,6 +490,7 @@ def write_json(metrics: dict, path: str | os.PathLike) -> Path:
         with os.fdopen(fd, "w") as f:
             json.dump(clean, f, indent=2, allow_nan=False)
             f.write("\n")
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -340,7 +340,10 @@ class DCSSDAESystem(pl.LightningModule):
             log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
             if self.trainer.is_global_zero:
                 out = Path(log_dir or self.trainer.default_root_dir) / f"{command}_metrics.json"
-                write_json({**metrics, "sampler": self.val_sampler(), **others}, out)
+                ckpt_path = self.trainer.ckpt_path
+                write_json({**metrics, "sampler": self.val_sampler(),  # what was scored, and with what
+                            "checkpoint": str(Path(ckpt_path).absolute()) if ckpt_path else None,
+                            "checkpoint_global_step": getattr(self, "loaded_global_step", None), **others}, out)
                 print(format_table(metrics, others) + f"\nwritten to {out}")
 
     # ------------------------------------------------------------------------------------------------
@@ -399,6 +402,7 @@ class DCSSDAESystem(pl.LightningModule):
         checkpoint["dcssdae_config"] = self.ae.config()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loaded_global_step = checkpoint.get("global_step")  # recorded in validate / test metrics JSON
         # Resuming needs the very same network: say so plainly, before torch lists every size mismatch.
         own, saved = self.ae.state_dict(), checkpoint.get("state_dict", {})
         saved = {k[len("ae."):]: v for k, v in saved.items() if k.startswith("ae.")}

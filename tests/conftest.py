@@ -31,7 +31,8 @@ def pytest_collection_modifyitems(config, items):
 
 class TinyCLI:
     """`dcssdae COMMAND --config CONFIG --config tests/configs/cpu_tiny.yaml` in a working directory that holds the
-    default photo shards; each run NAME writes its logs to runs/NAME and its checkpoints to runs/NAME/checkpoints."""
+    default photo shards; each run NAME writes its logs to runs/NAME and (by default) its checkpoints to
+    runs/NAME/checkpoints."""
 
     configs = ROOT / "configs"
     tiny = ROOT / "tests" / "configs" / "cpu_tiny.yaml"
@@ -42,8 +43,7 @@ class TinyCLI:
     def args(self, command: str, name: str, *extra: str, config: str | Path = "quickstart.yaml") -> list[str]:
         """The command line (without `dcssdae`); `config` is a shipped config's name or a path."""
         return [command, "--config", str(self.configs / config), "--config", str(self.tiny),
-                "--trainer.default_root_dir", f"runs/{name}", "--checkpoint.dirpath", f"runs/{name}/checkpoints",
-                *extra]
+                "--trainer.default_root_dir", f"runs/{name}", *extra]
 
     def __call__(self, command: str, name: str, *extra: str, config: str | Path = "quickstart.yaml") -> int:
         """Run it in this process; the exit code (0: success, 1: a reported error, 143: pre-empted)."""

@@ -111,6 +111,24 @@ def test_atomic_save_keeps_permissions_and_replaces(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["b.ckpt"]
 
 
+def test_written_files_get_the_umask_permissions_not_owner_only(tmp_path):
+    # tempfile.mkstemp / mkdtemp create 0600 / 0700: checkpoints, metric JSON and exports must be shareable
+    from dcssdae.autoencoder import DCSSDAE
+    from dcssdae.export import write_export
+    from dcssdae.metrics import write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_save({"x": torch.zeros(2)}, tmp_path / "run" / "last.ckpt")
+        write_json({"psnr": 30.0}, tmp_path / "run" / "validate_metrics.json")
+        export = write_export(DCSSDAE("tiny-f32c8", "tiny"), tmp_path / "export")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "run" / "last.ckpt", tmp_path / "run" / "validate_metrics.json", *export.iterdir()):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    assert export.stat().st_mode & 0o777 == 0o755
+
+
 # ------------------------------------------------------------------------------------------------
 # Safe loading: a checkpoint carrying a pickled payload is refused, and the payload never runs.
 

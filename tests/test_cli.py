@@ -43,8 +43,57 @@ def test_quickstart_fit_writes_checkpoint_and_reconstructions_then_validate_repo
     assert tiny_cli("validate", "quickstart_val", "--ckpt_path", str(quickstart_ckpt)) == 0
     (report,) = Path("runs/quickstart_val").rglob("validate_metrics.json")
     metrics = json.loads(report.read_text())
-    assert metrics["num_images"] == 4 and metrics["nfe"] == 1.0  # 2 batches of 2, the one-step sampler of the overlay
+    # every validation image (the overlay's limit_val_batches 2 is for fit's periodic validation), the overlay's
+    # one-step sampler; the JSON says which checkpoint, at which step, with which sampler
+    assert metrics["num_images"] == 12 and metrics["nfe"] == 1.0
+    assert metrics["checkpoint"] == str(quickstart_ckpt.absolute()) and metrics["checkpoint_global_step"] == 2
+    assert metrics["sampler"]["method"] == "one_step"
     assert 0 < metrics["psnr"] < 100 and -1 <= metrics["ssim"] <= 1
+
+
+def test_ckpt_path_keeps_the_evaluation_settings_of_the_command_line(tiny_cli, quickstart_ckpt):
+    assert tiny_cli("validate", "eval_settings", "--ckpt_path", str(quickstart_ckpt), "--trainer.limit_val_batches",
+                    "2", "--model.init_args.sampler", "{method: nesterov, steps: 8}", "--model.init_args.val_steps",
+                    "2") == 0
+    (report,) = Path("runs/eval_settings").rglob("validate_metrics.json")
+    metrics = json.loads(report.read_text())
+    assert metrics["num_images"] == 4  # a limit given on the command line is kept (2 batches of 2)
+    assert metrics["nfe"] == 2.0 and metrics["sampler"]["method"] == "nesterov" and metrics["sampler"]["steps"] == 2
+
+
+def test_ckpt_path_with_another_architecture_is_one_clear_error(tiny_cli, quickstart_ckpt, capsys):
+    code = tiny_cli("validate", "conflict", "--ckpt_path", str(quickstart_ckpt),
+                    "--model.init_args.decoder_overrides", "{channels: 48}")
+    err = capsys.readouterr().err
+    assert code == 1
+    (line,) = [line for line in err.splitlines() if line.startswith("dcssdae: error:")]
+    assert "model.decoder_overrides is {} in the checkpoint but {'channels': 48} was given" in line
+
+
+def test_two_root_folders_do_not_collide(tiny_cli):
+    # No config pins checkpoint.dirpath: each run writes <default_root_dir>/checkpoints/last.ckpt
+    assert tiny_cli("fit", "root_a", "--trainer.max_steps", "1") == 0
+    assert tiny_cli("fit", "root_b", "--trainer.max_steps", "2") == 0
+    a, b = (torch.load(tiny_cli.last_ckpt(n), weights_only=True) for n in ("root_a", "root_b"))
+    assert a["global_step"] == 1 and b["global_step"] == 2
+    assert not Path("lightning_logs").exists() and not Path("checkpoints").exists()
+
+
+def test_wandb_logs_config_and_images_in_the_run_folder(tiny_cli):
+    from dcssdae.cli import run_lightning_cli
+
+    wandb = json.dumps({"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"offline": True}})
+    cli = run_lightning_cli(tiny_cli.args("fit", "wandb_run", "--trainer.logger", wandb)[1:], run=False)
+    # trainer.log_dir is where LightningCLI writes config.yaml and ReconstructionGrid its PNGs
+    assert Path(cli.trainer.log_dir).resolve() == (tiny_cli.work / "runs/wandb_run").resolve()
+
+
+def test_ema_updates_once_per_optimiser_step_under_gradient_accumulation(tiny_cli):
+    # 6 batches, 3 per optimiser step: 2 optimiser steps, 2 EMA updates (warm-up counted in optimiser steps)
+    assert tiny_cli("fit", "accumulate", "--trainer.accumulate_grad_batches", "3", "--trainer.max_steps", "2",
+                    "--data.train_epoch_size", "12") == 0
+    checkpoint = torch.load(tiny_cli.last_ckpt("accumulate"), weights_only=True)
+    assert checkpoint["global_step"] == 2 and checkpoint["callbacks"]["EMA"]["num_updates"] == 2
 
 
 def test_test_subcommand_reports_metrics_on_the_validation_images(tiny_cli, quickstart_ckpt):
@@ -134,11 +183,15 @@ def test_phase_chain_each_initialised_from_the_previous_checkpoint(tiny_cli):
     assert all(torch.equal(live3[k], ema2[k]) for k in ema2 if k.startswith("encoder."))
     assert not torch.equal(live3["decoder.out_conv.weight"], ema2["decoder.out_conv.weight"])
     # distillation: the teacher is phase 3's EMA model, frozen; the student decoder moves; its loss terms are
-    # distill (the one-step MSE) and the perceptual one, logged under their own names
+    # distill (the one-step MSE) and the perceptual one, logged under their own names. The checkpoint holds the
+    # student (live + EMA) and not the teacher (init_from's model): about the size of phase 3's.
     ema3 = ae_state(phase3)
-    teacher = ae_state(distill, "current_model_state", "teacher.")
+    assert not ae_state(distill, "current_model_state", "teacher.") and not ae_state(distill, "state_dict", "teacher.")
+    def tensor_bytes(ckpt: Path, key: str) -> int:
+        return sum(v.numel() * v.element_size() for v in torch.load(ckpt, weights_only=True)[key].values())
+
+    assert tensor_bytes(distill, "state_dict") < 1.05 * tensor_bytes(phase3, "state_dict")  # one model, not two
     student = ae_state(distill, "current_model_state")
-    assert all(torch.equal(teacher[k], ema3[k]) for k in ema3)
     assert not torch.equal(student["decoder.out_conv.weight"], ema3["decoder.out_conv.weight"])
     assert all(torch.equal(student[k], ema3[k]) for k in ema3 if k.startswith("encoder."))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -146,6 +199,23 @@ def test_phase_chain_each_initialised_from_the_previous_checkpoint(tiny_cli):
     (events,) = Path("runs/distill/lightning_logs").rglob("events.out.tfevents.*")
     logged = set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
     assert {"train/distill", "train/stlpips", "train/loss"} <= logged and "train/eqm" not in logged
+
+    # a resume rebuilds the teacher from init_from and goes on
+    assert tiny_cli("fit", "distill", "--model.init_from", str(phase3), "--trainer.max_steps", "3", "--ckpt_path",
+                    "last", "--config", json.dumps({"trainer": {"callbacks": [{"class_path": f"{__name__}.TeacherIs",
+                    "init_args": {"ckpt": str(phase3)}}]}}), config="distill.yaml") == 0
+    assert torch.load(distill, weights_only=True)["global_step"] == 3
+
+
+class TeacherIs(Callback):
+    """Asserts, once training (re)starts, that the distillation teacher holds `ckpt`'s EMA weights."""
+
+    def __init__(self, ckpt: str):
+        self.ckpt = ckpt
+
+    def on_train_start(self, trainer, pl_module):
+        ema = ae_state(Path(self.ckpt))
+        assert all(torch.equal(v, ema[k]) for k, v in pl_module.teacher.state_dict().items())
 
 
 class RecordNoise(Callback):

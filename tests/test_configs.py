@@ -79,7 +79,9 @@ def test_each_phase_starts_from_the_previous_phases_checkpoint():
     chain = ["phase1", "phase2", "phase3", "distill"]
     configs = {name: resolved(ROOT / "configs" / f"{name}.yaml") for name in chain}
     for previous, current in itertools.pairwise(chain):
-        expected = f"{configs[previous]['checkpoint']['dirpath']}/last.ckpt"
+        # no config pins checkpoint.dirpath: a run's checkpoints are <default_root_dir>/checkpoints (RunCheckpoint)
+        assert configs[previous]["checkpoint"]["dirpath"] is None
+        expected = f"{configs[previous]['trainer']['default_root_dir']}/checkpoints/last.ckpt"
         assert configs[current]["model"]["init_args"]["init_from"] == expected
     assert configs["phase1"]["model"]["init_args"]["init_from"] is None
     assert configs["phase2"]["data"]["image_size"] == 512 and configs["phase3"]["data"]["image_size"] == 256
@@ -130,3 +132,12 @@ def test_include_errors_name_the_file(tmp_path):
     (tmp_path / "c.yaml").write_text("config: missing.yaml\n")
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         expand_config_includes(["--config", str(tmp_path / "c.yaml")])
+
+
+def test_phase1_on_24gb_cards_keeps_192_images_per_optimiser_step():
+    small, full = resolved(ROOT / "configs" / "phase1_24gb.yaml"), resolved(ROOT / "configs" / "phase1.yaml")
+    images = small["data"]["batch_size"] * small["trainer"]["accumulate_grad_batches"] * 8  # 8 GPUs
+    assert images == full["data"]["batch_size"] * 8 == 192 and small["data"]["batch_size"] == 8
+    # validation every 5000 optimiser steps (val_check_interval counts micro-batches); same run folder as phase 1
+    assert small["trainer"]["val_check_interval"] == 3 * full["trainer"]["val_check_interval"]
+    assert small["trainer"]["default_root_dir"] == "runs/phase1"

@@ -1,11 +1,16 @@
 """Exact resume: a run stopped mid-epoch (SIGTERM) and resumed with `--ckpt_path last` ends with the same weights,
-EMA, optimiser state and data position as a run that never stopped. Also the data stream alone: resuming at any
+EMA, optimiser state and data position as a run that never stopped; so does a finished run extended to more steps.
+SIGTERM to the whole process group (data workers included) still saves. Also the data stream alone: resuming at any
 batch of an epoch, with several persistent workers, gives exactly the remaining batches."""
 
 import io
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,6 +67,24 @@ class SigtermAt(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class RecordLive(Callback):
+    """Writes <root>/started.json (the step the run started at) and, after the last optimiser step, <root>/live.pt:
+    the module's live autoencoder weights, as they are before any end-of-run hook touches them."""
+
+    def on_train_start(self, trainer, pl_module):
+        Path(trainer.default_root_dir, "started.json").write_text(json.dumps(trainer.global_step))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        print(f"STEP {trainer.global_step} epoch {trainer.current_epoch} batch {batch_idx} "
+              f"at {trainer.datamodule.train_position} {batch['key']}", flush=True)
+        if trainer.global_step == trainer.max_steps:
+            live = {k: v.detach().clone() for k, v in pl_module.ae.state_dict().items()}
+            torch.save(live, Path(trainer.default_root_dir, "live.pt"))
+
+
+RECORD = ("--config", json.dumps({"trainer": {"callbacks": [{"class_path": f"{__name__}.RecordLive"}]}}))
+
+
 @pytest.fixture(scope="module")
 def fit(tiny_cli):
     """`fit(NAME, MAX_STEPS, *EXTRA)` -> exit code: 4 batches per epoch, so 6 steps cross an epoch boundary; validation
@@ -93,7 +116,7 @@ def assert_same(a, b, path=""):
 @pytest.fixture(scope="module")
 def straight(fit):
     """The uninterrupted run: 6 steps."""
-    assert fit("straight", 6) == 0
+    assert fit("straight", 6, *RECORD) == 0
     return final_state("straight")
 
 
@@ -116,3 +139,51 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(fit, straight, step, i
         assert_same(straight[key], resumed[key], key)  # AdamW moments and step counts, LR schedule
     for key in ("EMA", "NonFiniteGuard", "StepSeed"):  # EMA update count, skipped steps, seed
         assert_same(straight["callbacks"][key], resumed["callbacks"][key], key)
+
+
+def ae_entries(state: dict, prefix: str = "ae.") -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("first", [3, 4])  # mid-epoch 0 (batch 3 of 4); the end of epoch 0
+def test_extending_a_finished_run_matches_an_uninterrupted_run(fit, straight, first):
+    name = f"extended_{first}"
+    assert fit(name, first, *RECORD) == 0
+    ended = final_state(name)
+    assert ended["global_step"] == first and ended["ImageNetDataModule"]["train_position"] == [0, first]
+    # the end-of-run checkpoint resumes from the live weights (the EMA ones are its state_dict)
+    assert_same(torch.load(f"runs/{name}/live.pt", weights_only=True), ae_entries(ended["current_model_state"]))
+
+    assert fit(name, 6, "--ckpt_path", "last", *RECORD) == 0
+    assert json.loads(Path(f"runs/{name}/started.json").read_text()) == first  # it did resume
+    resumed = final_state(name)
+    straight_live = torch.load("runs/straight/live.pt", weights_only=True)
+    assert_same(straight_live, torch.load(f"runs/{name}/live.pt", weights_only=True), "live")  # true live weights
+    assert_same(straight_live, ae_entries(resumed["current_model_state"]), "current_model_state")
+    assert straight["ImageNetDataModule"] == resumed["ImageNetDataModule"]
+    for key in ("state_dict", "optimizer_states", "lr_schedulers"):  # the EMA, AdamW moments, LR schedule
+        assert_same(straight[key], resumed[key], key)
+    for key in ("EMA", "StepSeed"):
+        assert_same(straight["callbacks"][key], resumed["callbacks"][key], key)
+
+
+def test_sigterm_to_the_process_group_with_data_workers_saves_and_exits_143(tiny_cli):
+    # As `timeout`, a container runtime or a scheduler stops a job: SIGTERM to every process of the group, the two
+    # data-loader workers included (they may die first).
+    args = tiny_cli.args("fit", "group_sigterm", "--trainer.max_steps", "1000", "--data.train_epoch_size", "8",
+                         "--data.num_workers", "2", *RECORD)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "dcssdae.cli", *args], cwd=tiny_cli.work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, deadline = [], time.monotonic() + 300
+    while time.monotonic() < deadline and not any(line.startswith("STEP 3") for line in lines):
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 143, out[-4000:]
+    checkpoint = torch.load(tiny_cli.last_ckpt("group_sigterm"), weights_only=True)
+    assert checkpoint["global_step"] >= 3 and "Pre-empted at step" in out

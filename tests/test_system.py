@@ -267,8 +267,10 @@ def test_ema_lives_in_the_checkpoint_state_dict_and_validation_uses_it(tmp_path)
     live, averaged = ckpt["current_model_state"], ckpt["state_dict"]
     name = "ae.decoder.conv_in.weight"
     assert not torch.equal(live[name], averaged[name])
-    for k, v in zip(ema._live(model), ema.ema):  # the EMA tensors are what state_dict holds
-        assert torch.equal(averaged["ae." + k], v)
+    # After fit the module holds the EMA weights (what state_dict holds); the live ones are kept aside, and are what
+    # the end-of-run checkpoint resumes from (not the EMA: extending a finished run must continue its trajectory).
+    for (k, v), kept in zip(ema._live(model).items(), ema.ema):
+        assert torch.equal(averaged["ae." + k], v) and torch.equal(live["ae." + k], kept)
     assert ckpt["dcssdae_config"]["encoder"] == "tiny-f32c8"
     # load_from_checkpoint and from_pretrained give the EMA weights
     loaded = DCSSDAESystem.load_from_checkpoint(tmp_path / "last.ckpt")
