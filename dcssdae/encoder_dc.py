@@ -1,76 +1,19 @@
-"""Deep-compression encoders: DC-AE, the latent posterior, and the registry of named variants.
+"""The DC-AE encoder network and its blocks.
 
-The DC-AE encoder follows Chen, Cai et al., "Deep Compression Autoencoder for Efficient High-Resolution Diffusion
-Models" (ICLR 2025): residual autoencoding, where every space-to-channel step adds a parameter-free shortcut (pixel
-unshuffle, then averaging groups of channels) to a learned path, so the network only learns a residual. The blocks
-are ResBlocks in the high-resolution stages and EfficientViT blocks (ReLU linear attention + GLU MBConv; Cai et al.,
-"EfficientViT: Multi-Scale Linear Attention for High-Resolution Dense Prediction", ICCV 2023) in the low-resolution
-ones. Module names are our own; `encoder_weights.py` maps the diffusers `AutoencoderDC` and the original MIT
-(efficientvit) checkpoints onto them.
-
-Use `build_encoder(name, pretrained=None, **overrides)`. The LDM / SD-VAE KL-f8 encoder (`vq_f8c4`) lives in
-`encoder_kl.py` and is built through the same registry.
+Chen, Cai et al., "Deep Compression Autoencoder for Efficient High-Resolution Diffusion Models" (ICLR 2025):
+residual autoencoding, where every space-to-channel step adds a parameter-free shortcut (pixel unshuffle, then
+averaging groups of channels) to a learned path, so the network only learns a residual. The blocks are ResBlocks in
+the high-resolution stages and EfficientViT blocks (ReLU linear attention + GLU MBConv; Cai et al., "EfficientViT:
+Multi-Scale Linear Attention for High-Resolution Dense Prediction", ICCV 2023) in the low-resolution ones. Module
+names are our own; `encoder_weights.py` maps the diffusers `AutoencoderDC` and the original MIT (efficientvit)
+checkpoints onto them. Build it by name with `dcssdae.encoder.build_encoder`.
 """
-
-import inspect
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# ----------------------------------------------------------------------------------------------------------------
-# Diagonal Gaussian posterior q(z|x) = N(mean, exp(logvar)) (Kingma & Welling, "Auto-Encoding Variational Bayes",
-# ICLR 2014, Appendix B: closed-form KL to N(0, I)), or a deterministic latent when logvar is None.
-
-
-class Posterior:
-    """Latent distribution returned by every encoder.
-
-    `mean` and `logvar` are float32 tensors of shape (B, c, H/f, W/f). `logvar` is None for a deterministic encoder:
-    then `sample()` and `mode()` both return `mean` and `kl()` is zero. `logvar` is clamped to [-30, 20] (std between
-    3e-7 and 2.2e4), as in the LDM posterior, so that exp() can neither underflow to a zero std nor overflow.
-    """
-
-    LOGVAR_RANGE = (-30.0, 20.0)
-
-    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor | None = None):
-        if logvar is not None and logvar.shape != mean.shape:
-            raise ValueError(f"Posterior: logvar shape {tuple(logvar.shape)} != mean shape {tuple(mean.shape)}")
-        self.mean = mean.float()
-        self.logvar = None if logvar is None else logvar.float().clamp(*self.LOGVAR_RANGE)
-
-    @property
-    def deterministic(self) -> bool:
-        return self.logvar is None
-
-    @property
-    def std(self) -> torch.Tensor:
-        if self.logvar is None:
-            return torch.zeros_like(self.mean)
-        return torch.exp(0.5 * self.logvar)
-
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z = mean + std * noise (reparameterisation trick); the mean itself when deterministic."""
-        if self.logvar is None:
-            return self.mean
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise
-
-    def mode(self) -> torch.Tensor:
-        return self.mean
-
-    def kl(self) -> torch.Tensor:
-        """KL(q(z|x) || N(0, I)) in nats, summed over all latent elements (C, H, W): shape (B,), float32.
-
-        0.5 * sum(mean^2 + var - 1 - logvar). Not averaged over anything: the caller takes the batch mean and applies
-        the loss weight (and any per-element normalisation it wants). Zeros for a deterministic posterior.
-        """
-        if self.logvar is None:
-            return torch.zeros(self.mean.shape[0], device=self.mean.device, dtype=torch.float32)
-        terms = self.mean.square() + torch.exp(self.logvar) - 1.0 - self.logvar
-        return 0.5 * terms.flatten(1).sum(dim=1)
-
+from dcssdae.posterior import Posterior, check_image
 
 # ----------------------------------------------------------------------------------------------------------------
 # RMSNorm over the channel axis (Zhang & Sennrich 2019, Eq. 4) with a learned gain *and* bias, as DC-AE's
@@ -363,102 +306,3 @@ class DCEncoder(nn.Module):
             mean = mean + space_to_channel_average(h, self.latent_channels, 1)
         logvar = None if self.project_logvar is None else self.project_logvar(h)
         return Posterior(mean, logvar)
-
-
-def check_image(x: torch.Tensor, in_channels: int, factor: int, who: str) -> None:
-    """Raise a clear error for a batch the encoder cannot take (wrong rank, channels, or size not divisible by f)."""
-    if x.ndim != 4:
-        raise ValueError(f"{who}: expected an image batch (B, C, H, W), got shape {tuple(x.shape)}")
-    if x.shape[1] != in_channels:
-        raise ValueError(f"{who}: expected {in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-    H, W = x.shape[-2:]
-    if H % factor or W % factor:
-        raise ValueError(f"{who}: image size {H}x{W} is not divisible by the downsample factor {factor}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Registry of named variants. "arch" picks the class; every other entry is a constructor argument.
-
-_RES, _EVIT = ("ResBlock",), ("EViT",)
-_DC10 = _RES * 3
-
-ENCODERS: dict[str, dict] = {
-    # DC-AE 1.0 (efficientvit `dc_ae.py`, diffusers `AutoencoderDC`): deterministic, averaging out-shortcut.
-    "dc-ae-f32c32-in-1.0": {
-        "arch": "dc", "latent_channels": 32, "widths": (128, 256, 512, 512, 1024, 1024),
-        "depths": (0, 4, 8, 2, 2, 2), "block_types": _DC10 + _EVIT * 3, "out_shortcut": True, "double_latent": False},
-    "dc-ae-f64c128-in-1.0": {
-        "arch": "dc", "latent_channels": 128, "widths": (128, 256, 512, 512, 1024, 1024, 2048),
-        "depths": (0, 4, 8, 2, 2, 2, 2), "block_types": _DC10 + _EVIT * 4, "out_shortcut": True,
-        "double_latent": False},
-    "dc-ae-f128c512-in-1.0": {
-        "arch": "dc", "latent_channels": 512, "widths": (128, 256, 512, 512, 1024, 1024, 2048, 2048),
-        "depths": (0, 4, 8, 2, 2, 2, 2, 2), "block_types": _DC10 + _EVIT * 5, "out_shortcut": True,
-        "double_latent": False},
-    # DC-AE 1.1/1.5-style all-ResBlock encoders (DC-Gen `dc_ae.py`): no out-shortcut; Gaussian posterior, as in
-    # DC-SSDAE (trained from scratch with a KL term).
-    "dc-ae-1.5-f32c32": {
-        "arch": "dc", "latent_channels": 32, "widths": (128, 256, 512, 512, 1024, 1024),
-        "depths": (0, 5, 10, 4, 4, 4), "block_types": _RES * 6, "out_shortcut": False, "double_latent": True},
-    "dc-ae-1.5-f64c128": {
-        "arch": "dc", "latent_channels": 128, "widths": (128, 256, 512, 512, 1024, 1024, 1024),
-        "depths": (0, 5, 10, 4, 4, 4, 4), "block_types": _RES * 7, "out_shortcut": False, "double_latent": True},
-    "dc-ae-1.5-f128c512": {
-        "arch": "dc", "latent_channels": 512, "widths": (128, 256, 512, 512, 1024, 1024, 1024, 1024),
-        "depths": (0, 5, 10, 4, 4, 4, 4, 4), "block_types": _RES * 8, "out_shortcut": False, "double_latent": True},
-    # Tiny presets for tests (the same code paths, both block types).
-    "tiny-f32c8": {
-        "arch": "dc", "latent_channels": 8, "widths": (16, 16, 32, 32, 32, 32), "depths": (0, 1, 1, 1, 1, 1),
-        "block_types": _RES * 3 + _EVIT * 3, "attention_head_dim": 8, "out_shortcut": True, "double_latent": True},
-    "tiny-f8c4": {
-        "arch": "dc", "latent_channels": 4, "widths": (16, 16, 32, 32), "depths": (0, 1, 1, 1),
-        "block_types": _RES * 2 + _EVIT * 2, "attention_head_dim": 8, "out_shortcut": True, "double_latent": True},
-    # LDM / SD-VAE KL-f8 encoder (Rombach et al. 2022), see encoder_kl.py.
-    "vq_f8c4": {
-        "arch": "kl", "latent_channels": 4, "channels": 128, "channel_mult": (1, 2, 4, 4), "num_res_blocks": 2,
-        "norm_groups": 32},
-    "tiny-vq_f8c4": {
-        "arch": "kl", "latent_channels": 4, "channels": 16, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 1,
-        "norm_groups": 8},
-}
-
-
-def encoder_class(arch: str) -> type[nn.Module]:
-    if arch == "dc":
-        return DCEncoder
-    if arch == "kl":
-        from dcssdae.encoder_kl import KLEncoder  # imported here: encoder_kl imports Posterior from this file
-
-        return KLEncoder
-    raise ValueError(f"unknown encoder arch {arch!r}; known: 'dc', 'kl'")
-
-
-def build_encoder(name: str, pretrained: str | None = None, **overrides) -> nn.Module:
-    """Build the named encoder variant (see `ENCODERS`), optionally with pretrained weights.
-
-    Args:
-        name: a key of `ENCODERS`.
-        pretrained: a diffusers folder (`config.json` + `diffusion_pytorch_model.safetensors`/`.bin`), an original
-            MIT DC-AE file (`model.safetensors`, `.pt`/`.pth`), an LDM/SD-VAE file, or a file saved from this
-            encoder. See `encoder_weights.load_encoder_weights`.
-        overrides: constructor arguments that replace the preset's (e.g. `double_latent=True`).
-    """
-    if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; known encoders: {', '.join(sorted(ENCODERS))}")
-    config = dict(ENCODERS[name])
-    cls = encoder_class(config.pop("arch"))
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        raise ValueError(f"build_encoder({name!r}): unknown override(s) {unknown}; {cls.__name__} takes {allowed}")
-    config.update(overrides)
-    for key in ("widths", "depths", "block_types", "channel_mult"):
-        if key in config and isinstance(config[key], Sequence) and not isinstance(config[key], str):
-            config[key] = tuple(config[key])
-    encoder = cls(**config)
-    encoder.name = name
-    if pretrained is not None:
-        from dcssdae.encoder_weights import load_encoder_weights
-
-        load_encoder_weights(encoder, pretrained)
-    return encoder
