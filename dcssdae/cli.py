@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -119,7 +120,7 @@ def make_cli_class():
 
         def init_parser(self, **kwargs):
             parser = super().init_parser(**kwargs)
-            parser.error = explain_parse_errors(parser.error)
+            parser.error = explain_parse_errors(parser)
             return parser
 
         def parse_arguments(self, parser, args) -> None:
@@ -339,20 +340,68 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             NonFiniteLossError, TrainingDataError)
 
 
-def explain_parse_errors(error):
-    """Wrap a parser's `error(message, ex)`: jsonargparse's message for a bad key under `model.init_args` ends at
-    "Problem with given class_path ...:"; the reason ("Option 'lr_rate' is not accepted") is the innermost cause."""
+def explain_parse_errors(parser):
+    """Replacement for `parser.error(message, ex)`: the error first, with the closest known option name, then a
+    one-line hint, instead of ~90 lines of usage before it (`--help` still prints the usage).
+
+    jsonargparse's message for a bad key under `model.init_args` ends at "Problem with given class_path ...:"; the
+    reason ("Option 'lrr' is not accepted") is the innermost cause, shown with the key it was found under. A parser
+    that raises instead of exiting (exit_on_error=False, JSONARGPARSE_DEBUG) raises with the same message.
+    """
+    error = parser.error
 
     def explained(message: str, ex: BaseException | None = None):
         cause = ex
         while cause is not None and (cause.__cause__ or cause.__context__) is not None:
             cause = cause.__cause__ or cause.__context__
         reason = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
+        if not parser.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            return error(f"{reason}\n{message}" if reason and not message.startswith(reason) else message, ex)
+        command = getattr(ex, "subcommand_parser", None) or parser
         if reason and not message.startswith(reason):
-            message = f"{reason}\n{message}"
-        return error(message, ex)
+            where = re.search(r'Parser key "([^"]+)"', message)
+            lines = [reason + (f" (under {where.group(1)})" if where else "")]
+        else:
+            lines = message.strip().splitlines() or ["invalid arguments"]
+        guess = closest_option(message if not reason else f"{reason}\n{message}", command)
+        if guess:
+            lines[0] += f"; did you mean {guess}?"
+        prog = command.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: " + "\n".join(lines) + f"\n(`{prog} --help` lists every option)\n")
+        parser.exit(2)
 
     return explained
+
+
+def closest_option(message: str, parser) -> str | None:
+    """The known option nearest to the one a parse error names (difflib), as `--group.name`, or None.
+
+    Known: the parser's option strings and `--model.NAME` for every argument of DCSSDAESystem and DistillSystem
+    (in subclass mode the parser has no option per model argument)."""
+    import difflib
+
+    patterns = (r"Option '([^']+)' is not accepted", r"accept option '([^']+)'", r"nrecognized arguments: (\S+)")
+    found = next((m for m in (re.search(p, message) for p in patterns) if m), None)
+    if found is None:
+        return None
+    bad = found.group(1).lstrip("-")
+    where = re.search(r'Parser key "([^"]+)"', message)
+    if found.re.pattern == patterns[0] and where:  # a name under a group, e.g. "lrr" under "model"
+        bad = f"{where.group(1)}.{bad}"
+    bad = "--" + bad.replace(".init_args.", ".")
+    known = {option for action in parser._actions for option in action.option_strings if option.startswith("--")}
+    known |= {f"--model.{name}" for name in model_argument_names()}
+    match = difflib.get_close_matches(bad, sorted(known - {bad}), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def model_argument_names() -> list[str]:
+    """Constructor arguments of the model classes (DCSSDAESystem, then what DistillSystem adds)."""
+    from dcssdae.distill import DistillSystem
+    from dcssdae.system import DCSSDAESystem
+
+    names = [p for cls in (DCSSDAESystem, DistillSystem) for p in inspect.signature(cls.__init__).parameters]
+    return [n for n in dict.fromkeys(names) if n not in ("self", "args", "kwargs")]
 
 
 def user_message(error: BaseException) -> str:

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcssdae.encoder import Posterior, Stage, check_image
+from dcssdae.encoder_dc import Stage
+from dcssdae.posterior import Posterior, check_image
 
 # ----------------------------------------------------------------------------------------------------------------
 # ResNet block (LDM `ResnetBlock`, no time embedding): GN -> SiLU -> conv3x3 -> GN -> SiLU -> conv3x3, plus a 1x1

@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dcssdae.encoder_dc import DCEncoder
+from dcssdae.encoder_kl import KLEncoder
+
 LOGVAR_FILL = -10.0
 
 log = logging.getLogger(__name__)
@@ -187,9 +190,6 @@ def _strip(state: dict[str, torch.Tensor], keep_top: tuple[str, ...] = ()) -> di
 
 def convert_state_dict(encoder: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict, list[str], str]:
     """Map a checkpoint onto `encoder`'s key names: (tensors, checkpoint keys no rule matched, detected format)."""
-    from dcssdae.encoder import DCEncoder
-    from dcssdae.encoder_kl import KLEncoder
-
     if isinstance(encoder, DCEncoder):
         sub = _strip(state)
         if "project_out.weight" in sub:  # our names (the others call it conv_out / project_out.*.op_list)
@@ -265,8 +265,6 @@ def _problems(converted: dict[str, torch.Tensor], expected: dict[str, torch.Tens
 def load_encoder_weights(encoder: nn.Module, path: str | Path, logvar_fill: float = LOGVAR_FILL) -> dict:
     """Load pretrained weights into `encoder` (in place). Raises ValueError naming every mismatched, missing or
     unexpected tensor. Returns a report: {"file", "format", "filled", "ignored"}."""
-    from dcssdae.encoder import DCEncoder
-
     state, config, file = read_state_dict(path)
     expected_class = "AutoencoderDC" if isinstance(encoder, DCEncoder) else "AutoencoderKL"
     if config is not None and config.get("_class_name", expected_class) != expected_class:

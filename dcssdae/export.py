@@ -201,7 +201,7 @@ def _read_image(path: Path, size: int | None = None):
     a centre crop size x size (the validation transform)."""
     import numpy as np
 
-    from dcssdae.data import decode_image, val_transform
+    from dcssdae.images import decode_image, val_transform
 
     img = decode_image(path.read_bytes())
     if size is not None:

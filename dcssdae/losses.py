@@ -7,12 +7,15 @@ the weights that combine them. Every term is returned by name; weights are appli
 
 Frozen backbones (VGG / AlexNet for LPIPS, DINOv2 for REPA) are held *outside* the nn.Module tree (`_Frozen`): they
 are not in `state_dict()` (no 60-330 MB of ImageNet weights in every checkpoint), not in `parameters()` (never seen
-by the optimiser, weight decay or EMA), and `.train()` cannot switch them out of eval mode. They follow the input's
-device on first use. Pretrained weights come from the libraries' own loaders and caches (torchvision's
-$TORCH_HOME/hub/checkpoints, the Hugging Face cache for timm) or from an explicit `weights_path`; when neither has
-them (offline), the error names the file and where to put it. Set HF_HUB_OFFLINE=1 on offline machines: without it
+by the optimiser, weight decay or EMA), and `.train()` cannot switch them out of eval mode. They are built when first
+needed (`load()`, which the system calls when training starts), not at construction, so that a checkpoint opens
+without them, and follow the input's device. Pretrained weights come from the libraries' own loaders and caches
+(torchvision's $TORCH_HOME/hub/checkpoints, the Hugging Face cache for timm) or from an explicit `weights_path`; when
+neither has them (offline), the error names the file and where to put it. Set HF_HUB_OFFLINE=1 on offline machines: without it
 the Hugging Face client retries for ~48 s before failing.
 """
+
+from __future__ import annotations
 
 import importlib
 import importlib.util
@@ -20,7 +23,9 @@ import os
 import sys
 import types
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -38,17 +43,30 @@ Tensor = torch.Tensor
 class _Frozen:
     """Holds a frozen eval-mode network without registering it: invisible to state_dict, parameters, .to and .train.
 
-    Moved to the input's device on use. Deep copies share the network (it never changes), so an EMA copy of the
-    system does not duplicate it.
+    The network is built by `build()` on first use (`.net`), not at construction: a module holding it can be built,
+    and its checkpoint loaded, on a machine without the network's weights; a missing file is reported when training
+    starts (`load()` in the system's setup) or at the first forward. Moved to the input's device on use. Deep copies
+    share the holder (the network never changes), so an EMA copy of the system does not duplicate it.
     """
 
-    def __init__(self, net: nn.Module):
-        self.net = net.eval().requires_grad_(False)
+    def __init__(self, build: Callable[[], nn.Module]):
+        self._build, self._net = build, None
+
+    @property
+    def loaded(self) -> bool:
+        return self._net is not None
+
+    @property
+    def net(self) -> nn.Module:
+        if self._net is None:
+            self._net = self._build().eval().requires_grad_(False)
+        return self._net
 
     def to(self, device: torch.device) -> nn.Module:
-        if next(self.net.parameters()).device != device:
-            self.net.to(device)
-        return self.net
+        net = self.net
+        if next(net.parameters()).device != device:
+            net.to(device)
+        return net
 
     def __deepcopy__(self, memo):
         return self
@@ -98,6 +116,9 @@ class LPIPSLoss(nn.Module):
     heads, which ship in the wheel). `variant="stlpips"`: shift-tolerant LPIPS from the `stlpips-pytorch` wheel,
     whose trained backbone and heads ship in the wheel, so it works offline; its numbers are ST-LPIPS, not
     comparable with LPIPS values in papers, and its term is named `stlpips`.
+
+    The backbone is built on first use or by `load()` (the system calls it when training starts), so constructing
+    the loss needs no weights; a missing weights file is reported then.
     """
 
     def __init__(
@@ -120,24 +141,33 @@ class LPIPSLoss(nn.Module):
             raise ValueError(f"unknown LPIPS net {net!r}; known: {', '.join(_TORCHVISION_WEIGHTS)}")
         if variant not in ("lpips", "stlpips"):
             raise ValueError(f"unknown LPIPS variant {variant!r}; known: lpips, stlpips")
-        if weights_path is not None and not Path(weights_path).is_file():
-            raise FileNotFoundError(f"LPIPS weights_path {weights_path} does not exist")
+        if variant == "stlpips" and net == "squeeze":
+            raise ValueError("stlpips ships weights for net='vgg' and net='alex' only")
         self.name = variant
         self.net_name = net
-        if variant == "stlpips":
-            if net == "squeeze":
-                raise ValueError("stlpips ships weights for net='vgg' and net='alex' only")
-            stlpips = _import_stlpips()
-            model = stlpips.LPIPS(net=net, variant="shift_tolerant", pretrained=pretrained, model_path=weights_path,
-                                  verbose=False)
-        else:
-            model = self._build_lpips(net, weights_path, pretrained)
-        self._model = _Frozen(model)
+        build = self._build_stlpips if variant == "stlpips" else self._build_lpips
+        self._model = _Frozen(partial(build, net, weights_path, pretrained))
+
+    def load(self) -> LPIPSLoss:
+        """Build the frozen network now (it is otherwise built at the first forward); raises if its weights are
+        missing. Returns self."""
+        _ = self._model.net
+        return self
+
+    @staticmethod
+    def _build_stlpips(net: str, weights_path: str | None, pretrained: bool) -> nn.Module:
+        if weights_path is not None and not Path(weights_path).is_file():
+            raise FileNotFoundError(f"ST-LPIPS weights_path {weights_path} does not exist")
+        stlpips = _import_stlpips()
+        return stlpips.LPIPS(net=net, variant="shift_tolerant", pretrained=pretrained, model_path=weights_path,
+                             verbose=False)
 
     @staticmethod
     def _build_lpips(net: str, weights_path: str | None, pretrained: bool) -> nn.Module:
         import lpips
 
+        if weights_path is not None and not Path(weights_path).is_file():
+            raise FileNotFoundError(f"LPIPS weights_path {weights_path} does not exist")
         random_backbone = weights_path is not None or not pretrained
         try:
             with warnings.catch_warnings():  # torchvision's `pretrained=` deprecation notice, raised inside lpips
@@ -184,6 +214,10 @@ class REPALoss(nn.Module):
     Linear(D, hidden) - SiLU - Linear(hidden, E) maps them to the encoder's width E. The clean image is mapped to
     [0, 1], ImageNet-normalised and resized (bicubic, antialiased) to (gh * p, gw * p), p the encoder's patch size,
     so that its patch grid is the decoder's token grid gh x gw (gh * gw = N, gh / gw = H / W).
+
+    Construction reads the encoder's shape (patch size, width, normalisation) from an empty (meta-device) copy and
+    builds the projector; the encoder's weights load on first use or by `load()` (the system calls it when training
+    starts), so a checkpoint holding the projector loads without them.
     """
 
     def __init__(
@@ -216,7 +250,9 @@ class REPALoss(nn.Module):
         if token_dim < 1 or block < 0:
             raise ValueError(f"REPA needs token_dim >= 1 and block >= 0; got {token_dim}, {block}")
         self.block = block
-        model = self._build_encoder(encoder, pretrained, weights_path, encoder_kwargs or {})
+        kwargs = dict(num_classes=0, dynamic_img_size=True, **(encoder_kwargs or {}))
+        with torch.device("meta"):  # shapes and config only: no memory, no weights
+            model = timm.create_model(encoder, pretrained=False, **kwargs)
         self.patch_size = model.patch_embed.patch_size[0]
         config = model.pretrained_cfg
         self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1), persistent=False)
@@ -225,13 +261,18 @@ class REPALoss(nn.Module):
         self.projector = nn.Sequential(
             nn.Linear(token_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, model.embed_dim)
         )
-        self._encoder = _Frozen(model)
+        self._encoder = _Frozen(partial(self._build_encoder, encoder, pretrained, weights_path, kwargs))
+
+    def load(self) -> REPALoss:
+        """Build the frozen encoder now (it is otherwise built at the first forward); raises if its weights are
+        missing. Returns self."""
+        _ = self._encoder.net
+        return self
 
     @staticmethod
     def _build_encoder(name: str, pretrained: bool, weights_path: str | None, kwargs: dict) -> nn.Module:
         import timm
 
-        kwargs = dict(num_classes=0, dynamic_img_size=True, **kwargs)
         if weights_path is not None:
             if not Path(weights_path).is_file():
                 raise FileNotFoundError(f"REPA weights_path {weights_path} does not exist")

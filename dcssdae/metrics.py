@@ -208,6 +208,13 @@ def _import_stlpips():
     return stlpips
 
 
+def perceptual_name(variant: str) -> str:
+    """The name a perceptual variant is reported under: "stlpips" is "stlpips_alex"; the others keep theirs."""
+    if variant not in LPIPS_VARIANTS or variant is None:
+        raise ValueError(f"unknown lpips_variant {variant!r}; known: {LPIPS_VARIANTS}")
+    return "stlpips_alex" if variant == "stlpips" else variant
+
+
 def build_perceptual(variant: str) -> tuple[str, nn.Module]:
     """Build a frozen perceptual distance network; returns (metric name, network). Inputs in [-1, 1]."""
     if variant == "lpips":
@@ -286,9 +293,13 @@ def _drop_frozen_weights(module: nn.Module, state_dict: dict, prefix: str, local
 
 
 def _keep_frozen_weights(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """load_state_dict pre-hook: a checkpoint without the frozen networks keeps the weights loaded at init."""
+    """load_state_dict pre-hook: a checkpoint without the frozen networks keeps the weights already loaded."""
     for name in module._frozen:
-        for key, value in module.get_submodule(name).state_dict().items():
+        try:
+            frozen = module.get_submodule(name)
+        except AttributeError:  # a perceptual network not built yet
+            continue
+        for key, value in frozen.state_dict().items():
             state_dict.setdefault(f"{prefix}{name}.{key}", value)
 
 
@@ -296,9 +307,10 @@ class ReconstructionMetrics(nn.Module):
     """rFID, PSNR, SSIM, LPIPS (or ST-LPIPS) and NFE of reconstructions, accumulated over batches and ranks.
 
     Usage: `update(x_hat, x, nfe)` per batch (torchmetrics order: prediction, then reference), `compute()` once
-    on every rank, `reset()` before the next evaluation. The frozen feature networks (Inception, LPIPS) are loaded
-    at construction, never trained, and left out of `state_dict()` so that checkpoints of a module holding the
-    metrics do not carry them.
+    on every rank, `reset()` before the next evaluation. The frozen feature networks are never trained and left out
+    of `state_dict()`, so that checkpoints of a module holding the metrics do not carry them. Inception (whose weights
+    ship offline) loads at construction; the perceptual networks load with `load()` or at the first update, so that
+    a module holding the metrics opens without their weights (the system calls `load()` when a run starts).
     """
 
     def __init__(
@@ -321,10 +333,8 @@ class ReconstructionMetrics(nn.Module):
         super().__init__()
         variants = [] if lpips_variant is None else [lpips_variant] if isinstance(lpips_variant, str) else list(
             lpips_variant)
-        for variant in variants:
-            if variant not in LPIPS_VARIANTS or variant is None:
-                raise ValueError(f"unknown lpips_variant {variant!r}; known: {LPIPS_VARIANTS}")
-        self.perceptual = nn.ModuleDict(dict(build_perceptual(v) for v in variants))
+        self.perceptual_variants = {perceptual_name(v): v for v in variants}  # name -> variant
+        self.perceptual = nn.ModuleDict()  # name -> frozen network, built by load()
         self.fid = None
         if rfid:
             from torchmetrics.image.fid import FrechetInceptionDistance
@@ -334,17 +344,26 @@ class ReconstructionMetrics(nn.Module):
                 feature_extractor_weights_path=str(inception_weights_path(inception_weights)),
                 antialias=False,  # TF-1.x bilinear resize to 299, as in the TF FID graph and torch-fidelity
             )
-        names = ("psnr", "sse", "values", "ssim", "nfe") + tuple(self.perceptual)
+        names = ("psnr", "sse", "values", "ssim", "nfe") + tuple(self.perceptual_variants)
         self.sums = _Sums(names)
         self._frozen = (["fid.inception"] if self.fid is not None else []) + [f"perceptual.{n}" for n in
-                                                                              self.perceptual]
+                                                                              self.perceptual_variants]
         self.register_state_dict_post_hook(_drop_frozen_weights)
         self.register_load_state_dict_pre_hook(_keep_frozen_weights)
 
     @property
     def perceptual_name(self) -> str | None:
         """Name of the (first) perceptual metric, e.g. "stlpips_alex", or None."""
-        return next(iter(self.perceptual), None)
+        return next(iter(self.perceptual_variants), None)
+
+    def load(self) -> ReconstructionMetrics:
+        """Build the perceptual networks not built yet, on this module's device; raises if their weights are
+        missing (e.g. torchvision's AlexNet for "lpips"). Returns self."""
+        device = self.sums.psnr_sum.device
+        for name, variant in self.perceptual_variants.items():
+            if name not in self.perceptual:
+                self.perceptual[name] = build_perceptual(variant)[1].to(device)
+        return self
 
     # Frozen networks stay in eval mode (no LPIPS dropout) and out of checkpoints.
     def train(self, mode: bool = True) -> ReconstructionMetrics:
@@ -365,6 +384,7 @@ class ReconstructionMetrics(nn.Module):
             self._update(x_hat, x, nfe)
 
     def _update(self, x_hat: Tensor, x: Tensor, nfe: Tensor | float | None) -> None:
+        self.load()
         x_u8, x_hat_u8 = quantize_uint8(x), quantize_uint8(x_hat)
         values_per_image = x[0].numel()
         psnr, sse = psnr_uint8(x_hat_u8, x_u8)  # (B,), (B,)
@@ -397,9 +417,9 @@ class ReconstructionMetrics(nn.Module):
         result["psnr"] = sums["psnr"][0] / num_images
         result["psnr_dataset"] = 10 * math.log10(255.0**2 * sums["values"][0] / max(sums["sse"][0], 0.5))
         result["ssim"] = sums["ssim"][0] / num_images
-        for name in self.perceptual:
+        for name in self.perceptual_variants:
             result[name] = sums[name][0] / num_images
-        if "stlpips_alex" in self.perceptual and "stlpips_vgg" in self.perceptual:
+        if "stlpips_alex" in self.perceptual_variants and "stlpips_vgg" in self.perceptual_variants:
             result["stlpips"] = (result["stlpips_alex"] + result["stlpips_vgg"]) / 2
         if self.fid is not None:
             if num_images < 2:

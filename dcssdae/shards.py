@@ -10,7 +10,7 @@ Sources:
     Hugging Face metadata when present.
 
 Each input is checked (zero-byte, not an image, corrupt, truncated: PIL open + verify + full decode with
-`dcssdae.data.decode_image`, so every stored image decodes at training time). Bad inputs are reported
+`dcssdae.images.decode_image`, so every stored image decodes at training time). Bad inputs are reported
 on stderr (path and reason), listed in the manifest and left out; they never stop the run.
 
 Shard sample: `__key__` (the relative path without its extension, "/" and "." replaced by "_"), the
@@ -48,7 +48,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from dcssdae.data import ImageDecodeError, decode_image
+from dcssdae.images import ImageDecodeError, decode_image
 
 FORMAT = "dcssdae-shards/1"
 

@@ -93,7 +93,8 @@ class DCSSDAESystem(pl.LightningModule):
                 on the noise schedule (`DCSSDAE.default_sampler`), or 8 Euler steps for FM.
             sample_posterior: train the decoder on z ~ q(z|x) (True) or on its mean.
             loss_weights: weights of the named loss terms (eqm or fm, lpips or stlpips, repa, kl; distill for
-                DistillSystem); a term whose weight is 0 is not computed (and its network not loaded).
+                DistillSystem); a term whose weight is 0 is not computed (and its network not loaded). The LPIPS
+                and REPA networks load when training starts (`setup("fit")`), not here: a checkpoint opens offline.
             lpips_variant: perceptual loss: "lpips" (needs the ImageNet backbone weights) or "stlpips"
                 (shift-tolerant LPIPS, weights shipped in its wheel).
             lpips_net: perceptual backbone: "vgg" (SSDD's loss) or "alex".
@@ -194,9 +195,23 @@ class DCSSDAESystem(pl.LightningModule):
                                  f"(encoder {self.hparams.encoder!r}): use a multiple of {f}")
         if stage == "fit" and self.init_from and self.trainer.ckpt_path is None:
             self.load_init_weights(self.init_from)
+        self.load_frozen_networks(stage)
         # Lightning warns about modules left in eval mode at the start of fit: ours are frozen on purpose (the
         # metric networks, a distillation teacher).
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+    def load_frozen_networks(self, stage: str) -> None:
+        """Build the frozen networks that `stage` uses (LPIPS / DINOv2 for training, the metrics' perceptual networks
+        for evaluation). Not at construction: a checkpoint opens without their weights; a missing file is reported
+        here, before the first step."""
+        if stage == "fit":
+            for loss in (self.lpips, self.repa):
+                if loss is not None:
+                    loss.load()
+        if stage in ("fit", "validate", "test"):
+            for metrics in (self.val_metrics, self.baseline_metrics):
+                if metrics is not None:
+                    metrics.load()
 
     def load_init_weights(self, path: str) -> None:
         """Load autoencoder weights (EMA when the checkpoint has them) from a .ckpt or an export directory.

@@ -59,7 +59,18 @@ def test_misspelt_config_key(fit_args, capsys, tmp_path):
     fails_with(capsys, fit_args("bad", "--config", str(typo)), "error: Option 'learning_rate' is not accepted")
     fails_with(capsys, fit_args("bad", "--trainer.max_stepz", "3"), "unrecognized arguments: --trainer.max_stepz")
     typo.write_text("data:\n  batch_sise: 3\n")
-    fails_with(capsys, fit_args("bad", "--config", str(typo)), "does not accept option 'data.batch_sise'")
+    err = fails_with(capsys, fit_args("bad", "--config", str(typo)), "does not accept option 'data.batch_sise'")
+    assert "did you mean --data.batch_size?" in err.splitlines()[0], err
+
+
+def test_misspelt_option_error_comes_first_with_the_closest_name(fit_args, capsys):
+    """The one line that matters is the first one printed, with a suggestion; no usage block before it."""
+    for typo, guess in (("--model.lrr", "--model.lr"), ("--model.init_args.warmup_step", "--model.warmup_steps"),
+                        ("--trainer.max_stepz", "--trainer.max_steps")):
+        err = fails_with(capsys, fit_args("bad", typo, "3"))
+        first = err.splitlines()[0]
+        assert "error:" in first and typo.rsplit(".", 1)[-1] in first and f"did you mean {guess}?" in first, err
+        assert len(err.splitlines()) <= 3 and "usage:" not in err and "--help" in err, err
 
 
 def test_image_side_not_divisible_by_the_compression_factor(fit_args, capsys):

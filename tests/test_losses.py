@@ -72,7 +72,7 @@ def test_lpips_missing_backbone_error_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     expected = tmp_path / "hub" / "checkpoints" / "squeezenet1_1-b8a52dc0.pth"
     with pytest.raises(FileNotFoundError) as error:
-        LPIPSLoss(net="squeeze")
+        LPIPSLoss(net="squeeze").load()
     assert str(expected) in str(error.value) and "weights_path" in str(error.value)
 
 
@@ -91,9 +91,9 @@ def test_lpips_weights_path_loads_a_torchvision_backbone(tmp_path):
         assert torch.equal(value, expected["features." + key.split(".", 1)[1]]), key
     torch.save({"something": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="is not a torchvision squeeze state dict"):
-        LPIPSLoss(net="squeeze", weights_path=str(path))
+        LPIPSLoss(net="squeeze", weights_path=str(path)).load()
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        LPIPSLoss(net="squeeze", weights_path=str(tmp_path / "missing.pth"))
+        LPIPSLoss(net="squeeze", weights_path=str(tmp_path / "missing.pth")).load()
 
 
 @pytest.mark.parametrize(
@@ -162,7 +162,7 @@ def test_repa_missing_weights_error_names_the_repo(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError) as error:
-        REPALoss(token_dim=8, encoder="vit_small_patch14_dinov2", encoder_kwargs={"depth": 2})
+        REPALoss(token_dim=8, encoder="vit_small_patch14_dinov2", encoder_kwargs={"depth": 2}).load()
     assert "timm/vit_small_patch14_dinov2.lvd142m" in str(error.value) and "weights_path" in str(error.value)
 
 

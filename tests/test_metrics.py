@@ -125,7 +125,7 @@ def test_lpips_without_alexnet_weights_names_the_file(monkeypatch):
 
     monkeypatch.setattr(lpips.pretrained_networks.tv, "alexnet", offline)
     with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79.pth.*stlpips"):
-        ReconstructionMetrics(rfid=False, lpips_variant="lpips")
+        ReconstructionMetrics(rfid=False, lpips_variant="lpips").load()
 
 
 def test_missing_inception_weights_names_the_file(monkeypatch, tmp_path):
