@@ -33,16 +33,14 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dcssdae.metrics import umask_mode, write_json  # atomic JSON write; a new file's mode
+from dcssdae.metrics import atomic_folder, write_json  # atomic writers
 
 EXPORT_FORMAT = "dcssdae-export-1"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -87,22 +85,9 @@ def write_export(model, out_dir: str | Path, metadata: dict[str, Any] | None = N
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     config = {**model.config(), "export": {"format": EXPORT_FORMAT, **(metadata or {})}}
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with atomic_folder(out_dir) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "dcssdae_export": EXPORT_FORMAT})
         write_json(config, tmp / CONFIG_FILE)
-        os.chmod(tmp / WEIGHTS_FILE, umask_mode())
-        os.chmod(tmp, umask_mode(0o777))  # mkdtemp made it owner-only
-        if out_dir.exists():  # overwrite: move the old one aside, put the new one in, delete the old one
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-            os.replace(out_dir, old / out_dir.name)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir
 
 

@@ -31,10 +31,12 @@ metrics are computed on the quantised values (as [0, 1] floats or uint8):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import types
@@ -498,6 +500,31 @@ def umask_mode(mode: int = 0o666) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return mode & ~umask
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike):
+    """Write a folder atomically: yields a temporary folder beside `out` to fill; on success it takes `out`'s place
+    (an existing `out` is moved aside, then deleted), with the permissions the umask gives; on error it is removed and
+    `out` is untouched."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            os.chmod(file, umask_mode(0o777 if file.is_dir() else 0o666))
+        os.chmod(tmp, umask_mode(0o777))  # mkdtemp made it owner-only
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def write_json(metrics: dict, path: str | os.PathLike) -> Path:

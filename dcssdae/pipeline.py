@@ -21,8 +21,6 @@ is an optional dependency (`pip install dcssdae[diffusers]`); `import dcssdae` d
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("dcssdae.AutoencoderDCSSD needs diffusers: pip install 'dcssdae[diffusers]'") from error
 
 from dcssdae.autoencoder import DCSSDAE
+from dcssdae.metrics import atomic_folder
 
 DCSSDAE_KEYS = ("encoder", "decoder", "encoder_overrides", "decoder_overrides", "corruption", "sampler")
 
@@ -196,19 +195,6 @@ class AutoencoderDCSSD(ModelMixin, ConfigMixin):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """diffusers' layout (config.json + diffusion_pytorch_model.safetensors), written to a temporary folder
         next to `save_directory` and renamed into place (an existing folder is replaced)."""
-        out = Path(save_directory).resolve()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-        try:
+        with atomic_folder(save_directory) as tmp:
             super().save_pretrained(tmp, **kwargs)
-            if out.exists():
-                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-                os.replace(out, old / out.name)
-                os.replace(tmp, out)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
 
