@@ -167,7 +167,8 @@ class DCSSDAE(nn.Module):
                              f"use one of {allowed}")
         unknown = sorted(set(sampler) - {"method"} - (set(settings_of(method)) - {"step_to_data"}))
         if unknown:
-            raise ValueError(f"unknown setting(s) {unknown} for sampler {method!r}; it takes {list(settings_of(method))}")
+            takes = [name for name in settings_of(method) if name != "step_to_data"]
+            raise ValueError(f"unknown setting(s) {unknown} for sampler {method!r}; it takes {takes}")
         if method in EQM_METHODS and "eta" not in sampler:
             sampler["eta"] = self._eta()  # 1 / c(0) of *this* corruption, not the sampling module's default
         return sampler

@@ -147,6 +147,7 @@ class EMA(Callback):
             return  # validate / test / predict evaluate the EMA weights, which the module was restored with
         loaded = {k[3:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("ae.")}
         pl_module.load_state_dict(checkpoint["current_model_state"])  # the model was restored with EMA
+        self._swapped = False  # the module holds the live weights now (also after an earlier fit in this process)
         if self.ema is None:
             self._loaded = loaded
         else:

@@ -70,7 +70,8 @@ class DistillSystem(DCSSDAESystem):
         if not self.init_from:
             raise ValueError("this distillation checkpoint does not hold its teacher: set model.init_from to the "
                              "teacher's checkpoint (the phase-3 run it was distilled from)")
-        _, teacher = load_weights(self.init_from)
+        config, teacher = load_weights(self.init_from)
+        self.check_corruption(config.get("corruption"), self.init_from)
         for key in ("state_dict", "current_model_state"):
             if key in checkpoint:
                 checkpoint[key].update({f"teacher.{k}": v for k, v in teacher.items()})

@@ -497,9 +497,21 @@ def finite_or_none(tree: Any) -> Any:
 def umask_mode(mode: int = 0o666) -> int:
     """The permissions `open()` / `mkdir()` would give a new file (0o666) or folder (0o777) under the current umask
     (tempfile.mkstemp / mkdtemp create owner-only 0600 / 0700; atomic writers chmod their result to this)."""
-    umask = os.umask(0)
+    return mode & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask sets it, briefly, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
     os.umask(umask)
-    return mode & ~umask
+    return umask
 
 
 @contextlib.contextmanager
@@ -518,7 +530,12 @@ def atomic_folder(out: str | os.PathLike):
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
             os.replace(out, old / out.name)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old / out.name, out)  # put the previous folder back
+                shutil.rmtree(old)
+                raise
             shutil.rmtree(old)
         else:
             os.replace(tmp, out)

@@ -258,6 +258,9 @@ def adaptive(
     max_steps = _check_steps(max_steps, "max_steps")
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")
+    if schedule == "constant" and step_to_data is None:
+        raise ValueError("adaptive with schedule='constant' needs step_to_data (the corruption's (1 - gamma) / "
+                         "c(gamma), e.g. EquilibriumMatching().step_to_data) to form its one-step estimates")
     x, nfe = noise, torch.zeros(noise.shape[0], dtype=torch.long, device=noise.device)
     x0_prev = torch.zeros_like(noise)
     active = torch.arange(noise.shape[0], device=noise.device)
@@ -313,10 +316,10 @@ def euler(fn, noise, context=(), *, steps: int = 8, shift: float = 2.0):
     steps = _check_steps(steps)
     if not shift > 0:
         raise ValueError(f"shift must be > 0, got {shift}")
-    grid = time_grid(steps, shift, noise.device).to(noise.dtype)
+    grid = time_grid(steps, shift, noise.device)  # float32: a half-precision model still sees t as trained
     x = noise
     for t, t_next in itertools.pairwise(grid):
-        x = x + (t - t_next) * _evaluate(fn, x, context, t.expand(noise.shape[0]))
+        x = x + (t - t_next).to(noise.dtype) * _evaluate(fn, x, context, t.expand(noise.shape[0]))
     return x, _nfe(noise, steps)
 
 

@@ -218,7 +218,8 @@ class DCSSDAESystem(pl.LightningModule):
 
         Shapes must match exactly; missing and unexpected names are reported (missing ones keep their init).
         """
-        _, state = load_weights(path)
+        config, state = load_weights(path)
+        self.check_corruption(config.get("corruption"), path, strict=False)  # a new phase may change objective
         own = self.ae.state_dict()
         mismatched = [f"{k}: {tuple(v.shape)} in {Path(path).name}, {tuple(own[k].shape)} here"
                       for k, v in state.items() if k in own and v.shape != own[k].shape]
@@ -302,7 +303,7 @@ class DCSSDAESystem(pl.LightningModule):
         x = batch["image"]
         x_hat, nfe = self.reconstruct(x, batch_idx)
         self.val_metrics.update(x_hat, x, nfe)
-        if self.baseline_metrics is not None and self.baseline_result is None:
+        if self.baseline_metrics is not None and self._baseline_cached() is None:
             encoder = self.ae.encoder
             x_base = baseline(self.val_baseline, x, encoder.latent_channels, encoder.downsample_factor)
             self.baseline_metrics.update(x_base, x)
@@ -335,6 +336,12 @@ class DCSSDAESystem(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.report_metrics("test")
 
+    def _baseline_cached(self) -> dict | None:
+        """The baseline's metrics measured at an earlier validation of this fit, or None (measure it now)."""
+        if self.trainer.state.fn.value != "fit" or self.trainer.sanity_checking:
+            return None
+        return self.baseline_result
+
     def report_metrics(self, stage: str) -> None:
         metrics = self.val_metrics.compute()  # synchronised over ranks
         self.val_metrics.reset()
@@ -342,12 +349,15 @@ class DCSSDAESystem(pl.LightningModule):
         self.log_dict({f"{stage}/{k}": float(v) for k, v in metrics.items()}, sync_dist=True)
         others = {}
         if self.baseline_metrics is not None:
-            if self.baseline_result is None:
-                self.baseline_result = self.baseline_metrics.compute()
+            result = self._baseline_cached()
+            if result is None:
+                result = self.baseline_metrics.compute()
                 self.baseline_metrics.reset()
-            others = {self.val_baseline: self.baseline_result}
-            self.log_dict({f"{stage}_{self.val_baseline}/{k}": float(v) for k, v in self.baseline_result.items()},
-                          sync_dist=True)
+                # fit validates the same images every time: measure the baseline once (not on the sanity check)
+                if self.trainer.state.fn.value == "fit" and not self.trainer.sanity_checking:
+                    self.baseline_result = result
+            others = {self.val_baseline: result}
+            self.log_dict({f"{stage}_{self.val_baseline}/{k}": float(v) for k, v in result.items()}, sync_dist=True)
             if self.trainer.is_global_zero and self.trainer.state.fn.value == "fit":
                 print(f"\n{stage} at step {self.global_step}:\n" + format_table(metrics, others))
         command = self.trainer.state.fn.value  # "fit", "validate", "test"
@@ -416,8 +426,24 @@ class DCSSDAESystem(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dcssdae_config"] = self.ae.config()
 
+    def check_corruption(self, saved: dict | None, path: str, strict: bool = True) -> None:
+        """Weights trained with another corruption (objective, decay, lambda, parameterisation) would have their
+        output read as something else (e.g. an image taken for a field): refuse them (`strict`, resuming or a
+        distillation teacher) or warn (`init_from`, where a new phase may deliberately change the objective)."""
+        if saved is None:
+            return
+        theirs, ours = corruption_config(build_corruption(saved)), corruption_config(self.corruption)
+        if theirs != ours:
+            message = (f"{path} was trained with corruption {theirs} but this run uses {ours}: the decoder's output "
+                       "means something else")
+            if strict:
+                raise ValueError(message + "; set model.corruption to match")
+            rank_zero_warn(message + " (initialising from it anyway)")
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.loaded_global_step = checkpoint.get("global_step")  # recorded in validate / test metrics JSON
+        path = self._trainer.ckpt_path if self._trainer is not None else "the checkpoint"
+        self.check_corruption(checkpoint.get("dcssdae_config", {}).get("corruption"), str(path))
         # Resuming needs the very same network: say so plainly, before torch lists every size mismatch.
         own, saved = self.ae.state_dict(), checkpoint.get("state_dict", {})
         saved = {k[len("ae."):]: v for k, v in saved.items() if k.startswith("ae.")}

@@ -446,3 +446,9 @@ def test_autoencoder_default_sampler_samples_and_overrides_keep_the_schedule(mon
     assert "step_to_data" not in model.config()["sampler"]
     with pytest.raises(ValueError, match="unknown setting"):
         DCSSDAE("tiny-f8c4", "tiny", sampler={"method": "gd", "step_to_data": None})
+
+
+def test_adaptive_with_a_constant_step_needs_the_corruption_step_to_data():
+    noise = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="needs step_to_data"):
+        sample(lambda x: 2 * (x - 0.3), noise, "adaptive", eta=0.01, schedule="constant", max_steps=8)

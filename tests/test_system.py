@@ -366,3 +366,18 @@ def test_predict_returns_reconstructions_and_writes_input_reconstruction_pngs(tm
     png = torch.from_numpy(np.asarray(Image.open(pngs[0]))).permute(2, 0, 1)  # (3, 64, 128): input | reconstruction
     assert torch.equal(png[:, :, :64], quantize_uint8(KeyedImages(3)[0]["image"]))
     assert torch.equal(png[:, :, 64:], quantize_uint8(first["x_hat"][0]))
+
+
+def test_weights_of_another_corruption_warn_for_init_from_and_stop_a_resume(tmp_path):
+    """A checkpoint saved before the denoiser parameterisation (its config has no `parameterization`) holds a field
+    network: initialising a denoiser run from it warns, resuming from it or using it as a teacher is refused."""
+    source = DCSSDAE("tiny-f32c8", "tiny")
+    path = save_checkpoint(source, tmp_path / "old.ckpt")
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["dcssdae_config"]["corruption"]["init_args"]["parameterization"]  # written before the option
+    torch.save(checkpoint, path)
+    model = DCSSDAESystem(**TINY)
+    with pytest.warns(UserWarning, match="'parameterization': 'field'"):
+        model.load_init_weights(str(path))
+    with pytest.raises(ValueError, match="set model.corruption to match"):
+        model.on_load_checkpoint(torch.load(path, weights_only=True))
