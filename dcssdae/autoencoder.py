@@ -171,6 +171,8 @@ class DCSSDAE(nn.Module):
             raise ValueError(f"unknown setting(s) {unknown} for sampler {method!r}; it takes {takes}")
         if method in EQM_METHODS and "eta" not in sampler:
             sampler["eta"] = self._eta()  # 1 / c(0) of *this* corruption, not the sampling module's default
+        if method in ("gd", "nesterov", "adaptive"):
+            sampler.setdefault("schedule", "noise")  # explicit in every saved config (see from_config)
         return sampler
 
     def sampler_settings(self, steps: int | None = None, method: str | None = None, **settings) -> dict[str, Any]:
@@ -297,6 +299,10 @@ class DCSSDAE(nn.Module):
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"unknown DCSSDAE config key(s) {unknown}; known: {sorted(known)}")
+        sampler = config.get("sampler")
+        if sampler and sampler.get("method") in ("gd", "nesterov", "adaptive") and "schedule" not in sampler:
+            # saved before step schedules existed: it was validated with a constant step
+            config = {**config, "sampler": {**sampler, "schedule": "constant"}}
         return cls(**config)
 
     @classmethod

@@ -452,3 +452,14 @@ def test_adaptive_with_a_constant_step_needs_the_corruption_step_to_data():
     noise = torch.randn(2, 3, 4, 4)
     with pytest.raises(ValueError, match="needs step_to_data"):
         sample(lambda x: 2 * (x - 0.3), noise, "adaptive", eta=0.01, schedule="constant", max_steps=8)
+
+
+def test_saved_configs_keep_the_sampler_they_were_validated_with():
+    """Every sampler config now names its schedule; one saved before schedules existed decodes with its constant
+    step, as it was validated."""
+    from dcssdae.autoencoder import DCSSDAE
+
+    ae = DCSSDAE("tiny-f32c8", "tiny", sampler={"method": "nesterov", "steps": 4})
+    assert ae.sampler["schedule"] == "noise" and ae.config()["sampler"]["schedule"] == "noise"
+    old = {**ae.config(), "sampler": {"method": "gd", "steps": 8, "eta": 0.5}}
+    assert DCSSDAE.from_config(old).sampler == {"method": "gd", "steps": 8, "eta": 0.5, "schedule": "constant"}
