@@ -12,11 +12,13 @@ PHASE3_CKPT ?= $(RUNS)/phase3/checkpoints/last.ckpt
 install:
 	python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]'
 
+# One BLAS/OpenMP thread per test process: the suite's tensors are tiny and several tests start subprocesses
+# (DDP, CLI); two threads each oversubscribe 2 cores.
 test:
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 test-fast:
-	$(PY) -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"
 
 bench:
 	$(PY) benchmarks/bench_networks.py
