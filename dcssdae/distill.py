@@ -47,6 +47,9 @@ class DistillSystem(DCSSDAESystem):
                              "['decoder.*']")
         self.teacher_steps = teacher_steps
         self.teacher = copy.deepcopy(self.ae).requires_grad_(False).eval()  # weights: setup() or the checkpoint
+        # The student is a one-step decoder: its own sampler (kept in its checkpoints and exports) is the single step;
+        # the teacher keeps the configured multi-step sampler.
+        self.ae.sampler = self.ae.one_step_sampler()
 
     def setup(self, stage: str) -> None:
         new_run = stage == "fit" and self.trainer.ckpt_path is None  # (a resumed run: see on_load_checkpoint)

@@ -304,6 +304,8 @@ def test_distill_student_learns_teachers_n_step_sample_from_the_same_noise(tmp_p
     assert set(model.last_terms) == {"distill", "stlpips"}  # its own term (weight loss_weights.distill), and LPIPS
     (fn, noise, method, settings), = calls
     assert fn == model.teacher.pred and method == "gd" and settings["steps"] == 3
+    assert model.ae.sampler["method"] == "one_step"  # the student (and its exports) decode in one step
+    assert model.ae.config()["sampler"]["method"] == "one_step"
     assert settings["schedule"] == "noise" and settings["step_to_data"] == model.teacher.corruption.step_to_data
     assert torch.equal(decoder_inputs[0], noise)  # the student sees the teacher's noise, once
     assert len(decoder_inputs) == 1
