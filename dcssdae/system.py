@@ -119,7 +119,8 @@ class DCSSDAESystem(pl.LightningModule):
                 list of them (both ST-LPIPS variants also report `stlpips`, their mean), or None.
             val_baseline: also score a baseline codec at the latent's budget on the same images and print it beside
                 the model (`dcssdae.baselines`; "bicubic": bicubic down- and up-sampling keeping as many scalars as
-                the latent), or None. Computed at the first validation of a run and reused.
+                the latent), or None. Measured once per `fit` (its validations see the same images) and at every
+                `validate` / `test`.
             val_seed: seed of the validation noise (the same noise at every validation).
             predict_dir: where `dcssdae predict` writes `<key>.png` = input | reconstruction, relative to the run's log
                 dir (lightning_logs/version_N) or absolute; None: write nothing (`trainer.predict` then returns
