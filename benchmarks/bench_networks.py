@@ -503,7 +503,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile every model's encoder and decoder")
     p.add_argument("--encoder", default="dc-ae-f32c32-in-1.0")
     p.add_argument("--decoder", default="S")
-    p.add_argument("--attention-backend", default="sdpa", choices=["sdpa", "flex"])
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "blocked", "flex"])
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON here")
     args = p.parse_args(argv)

@@ -61,12 +61,25 @@ def _timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) 
 
 # Adaptive modulation x * (1 + scale) + shift, with (scale, shift) given on a coarser grid and
 # nearest-upsampled by broadcasting (no upsampled copy is materialised). Maps: x (B, C, H, W), scale/shift (B,
-# C, h, w), H = h * rh.
-def _modulate_map(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+# C, h, w), H = h * rh. A channels-last x is modulated through a channels-innermost view (one contiguous pass,
+# and the result stays channels-last); `inplace` writes the result into x (inference: x is a fresh norm output).
+def _modulate_map(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, inplace: bool = False
+) -> torch.Tensor:
     B, C, H, W = x.shape
     h, w = scale.shape[-2:]
-    x = x.view(B, C, h, H // h, w, W // w)
-    return torch.addcmul(shift[:, :, :, None, :, None], x, 1 + scale[:, :, :, None, :, None]).view(B, C, H, W)
+    if _is_channels_last(x):
+        x6 = x.permute(0, 2, 3, 1).view(B, h, H // h, w, W // w, C)
+        scale, shift = (m.permute(0, 2, 3, 1)[:, :, None, :, None] for m in (scale, shift))  # (B, h, 1, w, 1, C)
+        out = torch.addcmul(shift, x6, 1 + scale, out=x6 if inplace else None)
+        return out.view(B, H, W, C).permute(0, 3, 1, 2)
+    x6 = x.view(B, C, h, H // h, w, W // w)
+    scale, shift = scale[:, :, :, None, :, None], shift[:, :, :, None, :, None]
+    return torch.addcmul(shift, x6, 1 + scale, out=x6 if inplace else None).view(B, C, H, W)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 # Same for tokens: x (B, N, D) on a row-major (Hg, Wg) grid, scale/shift (B, h, w, D).
@@ -113,6 +126,33 @@ def _window_block_mask(Hg: int, Wg: int, radius: int, device: torch.device):
         return create_block_mask(in_window, B=None, H=None, Q_LEN=Hg * Wg, KV_LEN=Hg * Wg, device=device)
 
 
+# Tiling of the token grid for the blocked window attention: query tiles of t x t tokens, each attending to
+# the (t + 2r) x (t + 2r) keys around it (a halo of r per side). Returns, cached per grid (integers and
+# booleans only, never parameter values):
+#   offset (t^2, K^2): index of each (query, key) pair of a tile into the window table padded by one -inf entry
+#       per side (flattened, side 2r + 3); pairs outside the window index the border. The same for every tile.
+#   valid (T, K^2): whether each key of each tile lies on the grid (keys in the halo past the edge are padding).
+@functools.lru_cache(maxsize=32)
+def _window_tiles(Hg: int, Wg: int, radius: int, tile: int, device: torch.device):
+    r, t, Ks, side = radius, tile, tile + 2 * radius, 2 * radius + 3
+    with torch.inference_mode(False):  # cached: see _cached_offset_index
+        d = torch.arange(Ks, device=device)[None, :] - r - torch.arange(t, device=device)[:, None]  # (t, Ks)
+        axis = torch.where(d.abs() <= r, d + r + 1, 0)  # index along one padded-table axis; 0: the border
+        offset = torch.where(
+            (axis[:, None, :, None] == 0) | (axis[None, :, None, :] == 0),
+            0,
+            axis[:, None, :, None] * side + axis[None, :, None, :],
+        ).reshape(t * t, Ks * Ks)
+
+        def on_grid(n):  # (tiles along the axis, Ks): key position inside [0, n)
+            k = torch.arange(-(-n // t), device=device)[:, None] * t - r + torch.arange(Ks, device=device)
+            return (k >= 0) & (k < n)
+
+        vy, vx = on_grid(Hg), on_grid(Wg)
+        valid = (vy[:, None, :, None] & vx[None, :, None, :]).reshape(-1, Ks * Ks)
+    return offset, valid
+
+
 @functools.lru_cache(maxsize=1)
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
@@ -132,9 +172,14 @@ class AdaGroupNorm(nn.Module):
         self.groups, self.eps = groups, eps
         self.ctx_proj = _zero_(nn.Conv2d(ctx_channels, 2 * channels, 1))  # identity at init
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, silu: bool = False) -> torch.Tensor:
+        """AdaGN(x), followed by SiLU if `silu`. Without autograd (inference) the modulation and the SiLU
+        overwrite the norm's output instead of allocating two more full-size tensors (same values)."""
         scale, shift = self.ctx_proj(ctx).chunk(2, dim=1)  # (B, C, h, w) each
-        return _modulate_map(F.group_norm(x, self.groups, eps=self.eps), scale, shift)
+        y = F.group_norm(x, self.groups, eps=self.eps)
+        inplace = not y.requires_grad
+        y = _modulate_map(y, scale, shift, inplace=inplace)
+        return F.silu(y, inplace=inplace) if silu else y
 
 
 # Adaptive layer normalisation (AdaLN, Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023,
@@ -153,10 +198,18 @@ class AdaLayerNorm(nn.Module):
 
 # Windowed multi-head self-attention with a learned relative position bias (Shaw et al. 2018; Swin, Liu et al.
 # 2021, Eq. 4): softmax(q k^T / sqrt(d) + B) v where B[h, i, j] = table[h, dy, dx] for |dy|, |dx| <= r and
-# -inf outside.
+# -inf outside. Backends, all the same function: "sdpa" (the dense (heads, N, N) bias; the reference),
+# "blocked" (query tiles against their key halo: nothing N x N), "flex" (FlexAttention), "auto" (flex on CUDA,
+# where it is compiled, blocked elsewhere).
+ATTENTION_BACKENDS = ("auto", "sdpa", "blocked", "flex")
+TILE = 8  # query tile side of the blocked backend (at most r + 1: see _blocked)
+
+
 class WindowAttention(nn.Module):
     def __init__(self, dim: int, heads: int, window: int, backend: str):
         super().__init__()
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; known: {', '.join(ATTENTION_BACKENDS)}")
         self.heads, self.radius, self.backend = heads, window // 2, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = _zero_(nn.Linear(dim, dim))  # zero residual output
@@ -180,11 +233,42 @@ class WindowAttention(nn.Module):
         B, N, D = x.shape
         # one fused projection -> q, k, v each (B, heads, N, d)
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        if self.backend == "flex":
+        backend = self.backend
+        if backend == "auto":
+            backend = "flex" if q.is_cuda else "blocked"
+        if backend == "flex":
             out = self._flex(q, k, v, grid)
+        elif backend == "blocked":
+            out = self._blocked(q, k, v, grid)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.window_bias(grid, q.dtype)[None])
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+    def _blocked(self, q, k, v, grid):
+        # Same maths on tiles: the grid is cut into T tiles of t x t queries (padded up to a multiple of t);
+        # each tile attends to the K^2 = (t + 2r)^2 keys around it (zero-padded past the edges), with the bias
+        # gathered once per forward from the table for one tile (heads, t^2, K^2) and -inf on the padding keys.
+        # Every padding query (row or column past the edge, dropped at the end) is within r of a grid token,
+        # since t <= r + 1, so no softmax row is empty. Memory: (T * heads, t^2, K^2) scores, not N^2.
+        (Hg, Wg), r, (B, heads, N, d) = grid, self.radius, q.shape
+        t = min(TILE, r + 1)
+        nty, ntx, Ks = -(-Hg // t), -(-Wg // t), t + 2 * r
+        Hp, Wp, T = nty * t, ntx * t, nty * ntx
+        offset, valid = _window_tiles(Hg, Wg, r, t, q.device)
+        table = F.pad(self.rel_bias, (1, 1, 1, 1), value=float("-inf")).flatten(1)  # (heads, (2r + 3)^2)
+        bias = table[:, offset].to(q.dtype).masked_fill(~valid[:, None, None, :], float("-inf"))  # (T, heads,
+        # t^2, K^2); tiles are folded into the head axis so that the bias broadcasts over the batch
+        q = F.pad(q.view(B, heads, Hg, Wg, d), (0, 0, 0, Wp - Wg, 0, Hp - Hg))
+        q = q.view(B, heads, nty, t, ntx, t, d).permute(0, 2, 4, 1, 3, 5, 6).reshape(B, T * heads, t * t, d)
+
+        def halo(x):  # (B, heads, N, d) -> (B, T * heads, K^2, d): the keys (values) around each tile
+            x = F.pad(x.view(B, heads, Hg, Wg, d), (0, 0, r, r + Wp - Wg, r, r + Hp - Hg))
+            x = x.unfold(2, Ks, t).unfold(3, Ks, t)  # (B, heads, nty, ntx, d, Ks, Ks)
+            return x.permute(0, 2, 3, 1, 5, 6, 4).reshape(B, T * heads, Ks * Ks, d)
+
+        out = F.scaled_dot_product_attention(q, halo(k), halo(v), attn_mask=bias.view(1, T * heads, t * t, -1))
+        out = out.view(B, nty, ntx, heads, t, t, d).permute(0, 3, 1, 4, 2, 5, 6).reshape(B, heads, Hp, Wp, d)
+        return out[:, :, :Hg, :Wg].reshape(B, heads, N, d)
 
     def _flex(self, q, k, v, grid):
         # Same maths through FlexAttention: the window is a sparse block mask (masked blocks are skipped) and
@@ -236,9 +320,9 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x, ctx):
-        h = self.conv1(F.silu(self.norm1(x, ctx)))
-        h = self.conv2(F.silu(self.norm2(h, ctx)))
-        return self.skip(x) + h
+        h = self.conv1(self.norm1(x, ctx, silu=True))
+        h = self.conv2(self.norm2(h, ctx, silu=True))
+        return h.add_(self.skip(x))  # in place: no backward formula needs conv2's output
 
 
 # Pre-norm transformer block: x + Attn(AdaLN(x)), then x + GEGLU(AdaLN(x)).
@@ -269,14 +353,15 @@ class MiddleTransformer(nn.Module):
 
     def forward(self, x, ctx, return_tokens_at=None):
         B, D, Hg, Wg = x.shape
-        h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, N, D)
+        h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(B, Hg * Wg, D))  # (B, N, D); a view if
+        # x is channels-last
         ctx_tokens = ctx.permute(0, 2, 3, 1)  # (B, h, w, C0)
         tokens = None
         for i, block in enumerate(self.blocks):
             h = block(h, (Hg, Wg), ctx_tokens)
             if i == return_tokens_at:
                 tokens = h  # (B, N, D), for REPA
-        return x + self.proj_out(h).transpose(1, 2).reshape(B, D, Hg, Wg), tokens
+        return x + self.proj_out(h).view(B, Hg, Wg, D).permute(0, 3, 1, 2), tokens
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -300,7 +385,7 @@ class UViTDecoder(nn.Module):
         ff_mult: int = 4,
         norm_groups: int = 32,
         time_conditioned: bool = False,
-        attention_backend: str = "sdpa",
+        attention_backend: str = "auto",
     ):
         """
         Args:
@@ -316,16 +401,19 @@ class UViTDecoder(nn.Module):
             ff_mult: GEGLU hidden width multiplier.
             norm_groups: GroupNorm groups (channel counts are rounded up to a multiple of it).
             time_conditioned: build the time embedding (flow matching); False for Equilibrium Matching.
-            attention_backend: "sdpa" (dense shared bias, any device) or "flex" (FlexAttention block mask +
-                score_mod; compiled on CUDA, forward-only elsewhere).
+            attention_backend: "auto" (flex on CUDA, blocked elsewhere), "sdpa" (dense shared bias, any device;
+                the reference), "blocked" (query tiles against their key halo, any device, nothing N x N) or
+                "flex" (FlexAttention block mask + score_mod; compiled on CUDA, forward-only elsewhere).
         """
         super().__init__()
         if len(channel_mult) != 4:
             raise ValueError(f"channel_mult needs 4 levels (the transformer runs at 1/8), got {channel_mult}")
         if window < 1 or window % 2 == 0:
             raise ValueError(f"window must be a positive odd side (e.g. 17), got {window}")
-        if attention_backend not in ("sdpa", "flex"):
-            raise ValueError(f"unknown attention_backend {attention_backend!r}; known: 'sdpa', 'flex'")
+        if attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"unknown attention_backend {attention_backend!r}; known: {', '.join(ATTENTION_BACKENDS)}"
+            )
         widths = [_round_up(channels * m, norm_groups) for m in channel_mult]
         c0, dim = widths[0], widths[-1]
         heads = mid_heads or min(max_heads, max(4, dim // 64))
@@ -374,6 +462,11 @@ class UViTDecoder(nn.Module):
         self.out_norm = nn.GroupNorm(norm_groups, c0, eps=1e-6)
         self.out_conv = _zero_(nn.Conv2d(c0, image_channels, 3, padding=1))  # prediction starts at 0
 
+        # Implementation switch, not part of the model (same function either way, see tests/test_decoder.py):
+        # run the conv levels channels-last (oneDNN / cuDNN convolutions are about 2x faster so on the CPU).
+        # False: the reference NCHW path.
+        self.channels_last = True
+
     def _check(self, x_t, z, t, return_tokens_at):
         if x_t.ndim != 4 or x_t.shape[1] != self.image_channels:
             raise ValueError(f"x_t must be (B, {self.image_channels}, H, W), got {tuple(x_t.shape)}")
@@ -413,6 +506,8 @@ class UViTDecoder(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """pred (shape of x_t), or (pred, tokens (B, N, D)) after mid block `return_tokens_at` (0-based)."""
         self._check(x_t, z, t, return_tokens_at)
+        if self.channels_last:
+            x_t, z = (a.contiguous(memory_format=torch.channels_last) for a in (x_t, z))
         ctx = self.ctx(z)  # (B, C0, h, w)
         if self.time_conditioned:
             t = t.reshape(-1).expand(x_t.shape[0])  # (B,)
@@ -427,7 +522,7 @@ class UViTDecoder(nn.Module):
         h, tokens = self.mid(h, ctx, return_tokens_at)  # (B, D, H/8, W/8)
         for block in self.dec.values():
             h = block(torch.cat([h, skips.pop()], dim=1), ctx) if isinstance(block, ResBlock) else block(h)
-        pred = self.out_conv(F.silu(self.out_norm(h)))  # (B, 3, H, W)
+        pred = self.out_conv(F.silu(self.out_norm(h))).contiguous()  # (B, 3, H, W), NCHW
         return pred if return_tokens_at is None else (pred, tokens)
 
 
