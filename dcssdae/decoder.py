@@ -10,8 +10,13 @@ Differences from the published SSDD code, on purpose (see docs and the DC-SSDAE 
     projecting first is exact and f^2 cheaper), concatenated with the projected noisy image, then a 3x3 conv.
     No BatchNorm on z: nothing in this network uses batch statistics, so sample i never depends on sample j.
   * The relative-bias table is gathered into the attention bias on every forward (only integer index tensors
-    are cached, keyed by the grid size); the bias is (1, heads, N, N), shared by the batch, never
-    (B*heads, N, N).
+    are cached, keyed by the grid size). The default backend never builds an N x N bias: on the CPU the grid is
+    cut into 8 x 8 query tiles that attend to their key halo (bias (T*heads, 64, (8+2r)^2), shared by the
+    batch), on CUDA FlexAttention skips the masked blocks. The dense "sdpa" backend ((1, heads, N, N), shared
+    by the batch) is kept as the reference.
+  * Speed without changing the function: the conv levels run channels-last, and without autograd the AdaGN
+    modulation and the SiLU overwrite the norm's output (tests/test_decoder.py compares every fast path with
+    the reference path, values and gradients).
   * Window side 17 (offsets -8..+8) as the SSDD text says (the published code used 15).
   * Time conditioning is optional (`time_conditioned`): flow matching needs it, Equilibrium Matching has none
     and then no time module is built at all. The time embedding (sinusoidal of t*1000 -> MLP) is added to the

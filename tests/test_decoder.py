@@ -282,3 +282,93 @@ def test_preset_sizes(name, widths, heads, low, high):
         dec = build_decoder(name, 32)
     assert dec.widths == widths and dec.mid_heads == heads and dec.mid_depth == DECODERS[name]["mid_depth"]
     assert low < sum(p.numel() for p in dec.parameters()) < high
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fast paths (channels-last conv levels, in-place inference ops, blocked attention) against the reference path
+# (NCHW, the dense-bias "sdpa" attention, out-of-place ops): the same function, the same parameters.
+
+
+def _assert_same(actual, expected, rel=1e-5, msg=None):
+    """Equal up to fp32 reassociation (the paths sum in other orders): `rel` of the tensor's largest entry."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, atol=rel * scale + 1e-7, rtol=1e-4, msg=msg)
+
+
+def _reference_and_fast(window=17, **overrides):
+    """Two copies of one randomised tiny decoder: the reference path and the default (fast) one."""
+    ref = _randomize_(_tiny(window=window, attention_backend="sdpa", **overrides), std=0.2)
+    ref.channels_last = False
+    fast = _tiny(window=window, **overrides)
+    fast.load_state_dict(ref.state_dict())
+    assert fast.channels_last and fast.mid.blocks[0].attn.backend == "auto"
+    return ref, fast
+
+
+@pytest.mark.parametrize("window,side", [(17, 80), (5, 96), (3, 72)])  # grids 10x10 (window > grid), 12x12, 9x9
+def test_fast_path_matches_reference_in_eval(window, side):
+    ref, fast = _reference_and_fast(window)
+    x_t, z = _inputs(2, side, 8)
+    with torch.inference_mode():  # the in-place path
+        expected, fast_pred = ref(x_t, z), fast(x_t, z)
+    _assert_same(fast_pred, expected)
+    assert fast_pred.is_contiguous()  # NCHW out, whatever the path inside
+    _assert_same(fast(x_t, z), expected)  # autograd on: the out-of-place path
+
+
+def test_fast_path_matches_reference_in_train_with_gradients():
+    ref, fast = _reference_and_fast(17, time_conditioned=True)
+    ref.train(), fast.train()
+    x_t, z = _inputs(2, 80, 16)  # 10x10 token grid: not a multiple of the 8x8 tile, smaller than the window
+    t = torch.rand(2)
+    target = torch.randn_like(x_t)
+    outs = []
+    for model in (ref, fast):
+        xg = x_t.clone().requires_grad_(True)
+        pred, tokens = model(xg, z, t, return_tokens_at=0)
+        ((pred - target).square().mean() + tokens.square().mean()).backward()
+        outs.append((pred, tokens, xg.grad))
+    for a, b in zip(*outs, strict=True):
+        _assert_same(b, a)
+    grads = {n: p.grad for n, p in ref.named_parameters()}
+    for name, p in fast.named_parameters():
+        # a weight gradient sums over every pixel of the batch: 1e-4 of its largest entry
+        _assert_same(p.grad, grads[name], rel=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("window,grid", [(5, (6, 7)), (17, (4, 5)), (3, (3, 3)), (17, (19, 10)), (1, (2, 3))])
+def test_blocked_attention_matches_dense_with_gradients(window, grid):
+    attn = _randomize_(WindowAttention(dim=16, heads=2, window=window, backend="sdpa"), std=0.5)
+    x = torch.randn(2, grid[0] * grid[1], 16, requires_grad=True)
+    results = []
+    for backend in ("sdpa", "blocked"):
+        attn.backend, attn.rel_bias.grad, x.grad = backend, None, None
+        out = attn(x, grid)
+        out.square().sum().backward()
+        results.append((out, x.grad, attn.rel_bias.grad))
+    for a, b in zip(*results, strict=True):
+        _assert_same(b, a)
+
+
+def test_unknown_attention_backend_is_refused():
+    with pytest.raises(ValueError, match="attention backend 'dense'"):
+        WindowAttention(dim=16, heads=2, window=5, backend="dense")
+
+
+@pytest.mark.parametrize(
+    "name,digest",
+    [
+        ("tiny", "95d94ae0b1b0b7a10d82032f1b05dbfe40702847c0ea93e42af60d939a23c56a"),
+        ("S", "15ca9e60095495060a684c6eb388ba228b2f12f8f2f7a837899a4606ae01be38"),
+    ],
+)
+def test_state_dict_layout_is_unchanged(name, digest):
+    """Checkpoints saved before the fast paths load: the digest of (key, shape) was taken from the decoder of
+    commit b518a3f (reference path only), and no backend or memory format adds, drops or reshapes a tensor."""
+    import hashlib
+
+    for backend in ("auto", "sdpa", "blocked", "flex"):
+        with torch.device("meta"):
+            dec = build_decoder(name, 32, attention_backend=backend)
+        text = "\n".join(f"{k} {tuple(v.shape)}" for k, v in dec.state_dict().items())
+        assert hashlib.sha256(text.encode()).hexdigest() == digest, backend
