@@ -32,10 +32,15 @@ memory); and the peak working memory of one call, i.e. the peak above what was a
   * CPU: peak resident set size (/proc/self/statm, sampled every 0.5 ms by a thread) minus the RSS before the
     call, with glibc told to serve every allocation above 64 KiB by mmap (mallopt), so freed tensors go back
     to the OS and the RSS follows the live tensors. Approximate (sampling can miss a short peak).
+FLOPs per image: one extra call per row under torch.utils.flop_counter.FlopCounterMode, on the eager networks
+(convolutions, matmuls and attention; forward, and backward for the training step; elementwise work and
+normalisation are not counted), divided by the batch; `--no-flops` skips it. GFLOP/img next to img/s shows how
+much of each model's arithmetic turns into speed.
 A call that runs out of GPU memory is reported as OOM and dropped. `--json PATH` writes every row (and the
-settings) as JSON, atomically: speed in images/s, mem in bytes, params_m in millions, speed_x_<ref> and
-mem_x_<ref> the ratios (null where a reference is missing), loss the training loss of the memory call.
-The attention-bias size of the decoder's middle transformer (sdpa backend) is printed last.
+settings) as JSON, atomically: speed in images/s, mem in bytes, flops per image, params_m in millions,
+speed_x_<ref> and mem_x_<ref> the ratios (null where a reference is missing), loss the training loss of the
+memory call. The size that the dense attention bias of the decoder's middle transformer would take (the
+reference `sdpa` backend; the default backend builds none) is printed last.
 
     python benchmarks/bench_networks.py --threads 1                      # CPU, 256 px, batch 1 (~3.5 min)
     python benchmarks/bench_networks.py --device cuda --dtype bf16 --batch 16 --sizes 256 512 --compile
@@ -55,6 +60,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from dcssdae.autoencoder import DCSSDAE
 from dcssdae.encoder import Posterior
@@ -375,10 +381,35 @@ def first_calls(entry: Entry, warmup: int, device: torch.device) -> tuple[object
     return None
 
 
-def measure(entries: list[Entry], warmup: int, iters: int, batch: int, device: torch.device) -> None:
-    """Fill each entry's row: memory of one call after warm-up, then images/s of the fastest interleaved call."""
+def count_flops(entry: Entry) -> int | None:
+    """FLOPs of one call (torch.utils.flop_counter: matmuls, convolutions and attention, forward and backward),
+    counted on the eager networks (a compiled graph hides its operators from the counter); None if it fails."""
+    model = entry.model
+    networks = model.enc, model.dec
+    model.enc, model.dec = model.eager
+    try:
+        with FlopCounterMode(display=False) as counter:
+            entry.call()
+        return counter.get_total_flops()
+    except Exception as err:  # e.g. out of memory: the timed calls report it
+        print(f"  FLOPs not counted for {entry.model.label} ({entry.side} px {entry.part}): {type(err).__name__}")
+        return None
+    finally:
+        model.enc, model.dec = networks
+        for p in model.net.parameters():
+            p.grad = None
+
+
+def measure(
+    entries: list[Entry], warmup: int, iters: int, batch: int, device: torch.device, flops: bool = True
+) -> None:
+    """Fill each entry's row: FLOPs per image (one counted call), memory of one call after warm-up, then images/s
+    of the fastest interleaved call."""
     kept = []
     for e in entries:
+        if flops:
+            total = count_flops(e)
+            e.row["flops"] = None if total is None else total / batch
         result = first_calls(e, warmup, device)
         nfe = f" {e.nfe} NFE" if e.nfe else ""
         if result is None:
@@ -400,7 +431,8 @@ def measure(entries: list[Entry], warmup: int, iters: int, batch: int, device: t
 
 def _row(side, part, nfe, model: Benchmarked | None, key, label, params) -> dict:
     return {"side": side, "part": part, "nfe": nfe, "key": key, "label": label, "params_m": params,
-            "speed": None, "mem": None, "compiled": bool(model and model.compiled), "error": None}  # fmt: skip
+            "flops": None, "speed": None, "mem": None, "compiled": bool(model and model.compiled),
+            "error": None}  # fmt: skip
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -428,6 +460,8 @@ def combined_rows(rows: list[dict], sides: list[int], keys: list[str]) -> list[d
                 row = _row(
                     side, "enc+dec", dec["nfe"], None, key, e["label"], e["params_m"] + dec["params_m"]
                 )
+                if e["flops"] is not None and dec["flops"] is not None:
+                    row["flops"] = e["flops"] + dec["flops"]
                 if e["speed"] and dec["speed"]:
                     row.update(speed=1 / (1 / e["speed"] + 1 / dec["speed"]), mem=max(e["mem"], dec["mem"]))
                 else:
@@ -444,14 +478,15 @@ def _fmt(v, spec: str, width: int) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'px':>4} {'part':<16} {'model':<56} {'params M':>9} {'img/s':>9} {'x dc-ae':>8} {'x sd-vae':>9} "
-            f"{'mem MiB':>9} {'mem/dc-ae':>9} {'mem/sd-vae':>10}")  # fmt: skip
+    head = (f"{'px':>4} {'part':<16} {'model':<56} {'params M':>9} {'GFLOP/img':>10} {'img/s':>9} {'x dc-ae':>8} "
+            f"{'x sd-vae':>9} {'mem MiB':>9} {'mem/dc-ae':>9} {'mem/sd-vae':>10}")  # fmt: skip
     print(head + "\n" + "-" * len(head))
     for r in rows:
         part = r["part"] + (f" {r['nfe']} NFE" if r["nfe"] else "")
         mib = None if r["mem"] is None else r["mem"] / 2**20
         speed = r["error"] if r["speed"] is None and r["error"] else _fmt(r["speed"], ".3f", 9)
-        print(f"{r['side']:>4} {part:<16} {r['label']:<56} {r['params_m']:>9.2f} {speed:>9} "
+        gflops = None if r["flops"] is None else r["flops"] / 1e9
+        print(f"{r['side']:>4} {part:<16} {r['label']:<56} {r['params_m']:>9.2f} {_fmt(gflops, '.1f', 10)} {speed:>9} "
               f"{_fmt(r['speed_x_dc_ae'], '.2f', 8)} {_fmt(r['speed_x_sd_vae'], '.2f', 9)} {_fmt(mib, '.0f', 9)} "
               f"{_fmt(r['mem_x_dc_ae'], '.2f', 9)} {_fmt(r['mem_x_sd_vae'], '.2f', 10)}")  # fmt: skip
 
@@ -459,8 +494,8 @@ def print_table(rows: list[dict]) -> None:
 def print_attention_bias(decoder, sides: list[int], batch: int, dtype: torch.dtype, backend: str) -> None:
     """Size of the window bias of the middle transformer: (1, heads, N, N) per block, shared by the batch."""
     heads, depth, nbytes, mib = decoder.mid_heads, decoder.mid_depth, torch.finfo(dtype).bits // 8, 2**20
-    print(f"\nattention bias of the decoder's middle transformer ({heads} heads, {depth} blocks, {dtype}); "
-          f"the {backend} backend is in use, the flex backend stores no bias at all:")  # fmt: skip
+    print(f"\ndense attention bias of the decoder's middle transformer ({heads} heads, {depth} blocks, {dtype}) with "
+          f"the sdpa backend; the {backend} backend is in use (blocked and flex build no N x N bias):")  # fmt: skip
     head = (f"{'px':>4} {'N':>6} {'per block MiB':>14} {'kept for backward, all blocks MiB':>34} "
             f"{'fp32 build copy MiB':>20} {f'dense (B*heads,N,N) mask at B={batch} MiB':>38}")  # fmt: skip
     print(head)
@@ -505,6 +540,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decoder", default="S")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "blocked", "flex"])
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--no-flops", dest="flops", action="store_false",
+                   help="skip the FLOP count (one more eager call per row)")  # fmt: skip
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON here")
     args = p.parse_args(argv)
     if args.device == "cuda" and not cuda:
@@ -576,10 +613,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     for m in models:
         m.net.eval()
-    measure(inference, args.warmup, args.iters, args.batch, device)
+    measure(inference, args.warmup, args.iters, args.batch, device, args.flops)
     for m in models:
         m.net.train()
-    measure(training, args.warmup, args.iters, args.batch, device)
+    measure(training, args.warmup, args.iters, args.batch, device, args.flops)
     for m in models:
         m.net.eval()
 

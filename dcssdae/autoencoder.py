@@ -6,6 +6,8 @@
     x_hat = ae.reconstruct(x, pad=True)   # any H x W: reflect-padded to a multiple of f, cropped back
     ae.enable_tiling(tile=512, overlap=128)  # large images: tiled network evaluation, blended (dcssdae.tiling)
     ae.to(torch.bfloat16)                 # half precision: encode and decode run in the model's dtype
+    with torch.autocast("cuda", torch.bfloat16): x_hat = ae.decode(z, steps=1)  # or mixed precision
+    ae.compile()                          # torch.compile the encoder and decoder networks (in place)
     ae = DCSSDAE.from_pretrained("export_dir")   # or a Lightning .ckpt from `dcssdae fit`
 
 The network knows nothing about training (no losses here); the Lightning system in `dcssdae.system` wires it to
@@ -248,6 +250,18 @@ class DCSSDAE(nn.Module):
             return self.decode(self.encode(x), **decode_kwargs)
         x_pad, size = pad_to_multiple(x, self.downsample_factor)
         return crop(self.decode(self.encode(x_pad), **decode_kwargs), size)
+
+    # -- speed ---------------------------------------------------------------------------------------
+
+    def compile(self, **kwargs) -> DCSSDAE:
+        """Compile the encoder and the decoder network in place with torch.compile (`kwargs` go to it, e.g.
+        mode="max-autotune"; default dynamic=False: one graph per image size). Every path that runs them (encode,
+        decode with any sampler, tiling, training) then runs the compiled graphs; weights, state-dict keys and
+        outputs (up to float rounding) are unchanged. Returns self."""
+        kwargs.setdefault("dynamic", False)
+        self.encoder.compile(**kwargs)
+        self.decoder.compile(**kwargs)
+        return self
 
     # -- tiling: large images in bounded memory (dcssdae.tiling) ---------------------------------------
 

@@ -77,10 +77,10 @@ def _modulate_map(
         x6 = x.permute(0, 2, 3, 1).view(B, h, H // h, w, W // w, C)
         scale, shift = (m.permute(0, 2, 3, 1)[:, :, None, :, None] for m in (scale, shift))  # (B, h, 1, w, 1, C)
         out = torch.addcmul(shift, x6, 1 + scale, out=x6 if inplace else None)
-        return out.view(B, H, W, C).permute(0, 3, 1, 2)
+        return out.reshape(B, H, W, C).permute(0, 3, 1, 2)  # a view (reshape: the compiler's stride guesses)
     x6 = x.view(B, C, h, H // h, w, W // w)
     scale, shift = scale[:, :, :, None, :, None], shift[:, :, :, None, :, None]
-    return torch.addcmul(shift, x6, 1 + scale, out=x6 if inplace else None).view(B, C, H, W)
+    return torch.addcmul(shift, x6, 1 + scale, out=x6 if inplace else None).reshape(B, C, H, W)
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -132,30 +132,36 @@ def _window_block_mask(Hg: int, Wg: int, radius: int, device: torch.device):
 
 
 # Tiling of the token grid for the blocked window attention: query tiles of t x t tokens, each attending to
-# the (t + 2r) x (t + 2r) keys around it (a halo of r per side). Returns, cached per grid (integers and
-# booleans only, never parameter values):
+# the (t + 2r) x (t + 2r) keys around it (a halo of r per side). Returns (integers and booleans only, never
+# parameter values; cached per grid like _offset_index):
 #   offset (t^2, K^2): index of each (query, key) pair of a tile into the window table padded by one -inf entry
 #       per side (flattened, side 2r + 3); pairs outside the window index the border. The same for every tile.
 #   valid (T, K^2): whether each key of each tile lies on the grid (keys in the halo past the edge are padding).
-@functools.lru_cache(maxsize=32)
 def _window_tiles(Hg: int, Wg: int, radius: int, tile: int, device: torch.device):
+    if not torch.compiler.is_compiling():
+        return _cached_window_tiles(Hg, Wg, radius, tile, device)
+    return _build_window_tiles(Hg, Wg, radius, tile, device)
+
+
+def _build_window_tiles(Hg: int, Wg: int, radius: int, tile: int, device: torch.device):
     r, t, Ks, side = radius, tile, tile + 2 * radius, 2 * radius + 3
-    with torch.inference_mode(False):  # cached: see _cached_offset_index
-        d = torch.arange(Ks, device=device)[None, :] - r - torch.arange(t, device=device)[:, None]  # (t, Ks)
-        axis = torch.where(d.abs() <= r, d + r + 1, 0)  # index along one padded-table axis; 0: the border
-        offset = torch.where(
-            (axis[:, None, :, None] == 0) | (axis[None, :, None, :] == 0),
-            0,
-            axis[:, None, :, None] * side + axis[None, :, None, :],
-        ).reshape(t * t, Ks * Ks)
+    d = torch.arange(Ks, device=device)[None, :] - r - torch.arange(t, device=device)[:, None]  # (t, Ks)
+    axis = torch.where(d.abs() <= r, d + r + 1, 0)  # index along one padded-table axis; 0: the border
+    border = (axis[:, None, :, None] == 0) | (axis[None, :, None, :] == 0)
+    offset = torch.where(border, 0, axis[:, None, :, None] * side + axis[None, :, None, :]).reshape(t * t, -1)
 
-        def on_grid(n):  # (tiles along the axis, Ks): key position inside [0, n)
-            k = torch.arange(-(-n // t), device=device)[:, None] * t - r + torch.arange(Ks, device=device)
-            return (k >= 0) & (k < n)
+    def on_grid(n):  # (tiles along the axis, Ks): key position inside [0, n)
+        k = torch.arange(-(-n // t), device=device)[:, None] * t - r + torch.arange(Ks, device=device)
+        return (k >= 0) & (k < n)
 
-        vy, vx = on_grid(Hg), on_grid(Wg)
-        valid = (vy[:, None, :, None] & vx[None, :, None, :]).reshape(-1, Ks * Ks)
-    return offset, valid
+    vy, vx = on_grid(Hg), on_grid(Wg)
+    return offset, (vy[:, None, :, None] & vx[None, :, None, :]).reshape(-1, Ks * Ks)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_window_tiles(Hg: int, Wg: int, radius: int, tile: int, device: torch.device):
+    with torch.inference_mode(False):
+        return _build_window_tiles(Hg, Wg, radius, tile, device)
 
 
 @functools.lru_cache(maxsize=1)
@@ -179,10 +185,11 @@ class AdaGroupNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, silu: bool = False) -> torch.Tensor:
         """AdaGN(x), followed by SiLU if `silu`. Without autograd (inference) the modulation and the SiLU
-        overwrite the norm's output instead of allocating two more full-size tensors (same values)."""
+        overwrite the norm's output instead of allocating two more full-size tensors (same values); under
+        torch.compile the compiler fuses them instead."""
         scale, shift = self.ctx_proj(ctx).chunk(2, dim=1)  # (B, C, h, w) each
         y = F.group_norm(x, self.groups, eps=self.eps)
-        inplace = not y.requires_grad
+        inplace = not y.requires_grad and not torch.compiler.is_compiling()
         y = _modulate_map(y, scale, shift, inplace=inplace)
         return F.silu(y, inplace=inplace) if silu else y
 

@@ -46,6 +46,7 @@ def test_every_part_and_model_gets_a_row_written_as_json(bench, tmp_path):
     for r in rows:
         assert r["error"] is None and r["speed"] > 0 and r["mem"] >= 0 and r["params_m"] > 0, r
         assert r["speed_x_dc_ae"] > 0 and r["speed_x_sd_vae"] > 0, r
+        assert r["flops"] > 0, r  # counted (per image)
         if r["key"] == "dc-ae":
             assert r["speed_x_dc_ae"] == 1.0
         if r["part"] == "train":
@@ -126,14 +127,16 @@ def test_full_size_references_build_and_run(bench):
 
 
 def test_decoder_trains_after_an_inference_mode_call_at_the_same_size():
-    """The decoder caches its window index per grid size: one first built under torch.inference_mode (the
+    """The decoder caches its window indices per grid size: one first built under torch.inference_mode (the
     benchmark's inference pass, Lightning's validation) must still serve a training step (dcssdae/decoder.py)."""
     from dcssdae import decoder as decoder_module
 
-    decoder_module._cached_offset_index.cache_clear()
-    net = decoder_module.build_decoder("tiny", 8)
-    x, z = torch.randn(1, 3, 64, 64), torch.randn(1, 8, 2, 2)
-    with torch.inference_mode():
-        net(x, z)
-    net(x, z).square().mean().backward()
-    assert net.out_conv.weight.grad is not None
+    for backend in ("sdpa", "blocked"):
+        decoder_module._cached_offset_index.cache_clear()
+        decoder_module._cached_window_tiles.cache_clear()
+        net = decoder_module.build_decoder("tiny", 8, attention_backend=backend)
+        x, z = torch.randn(1, 3, 64, 64), torch.randn(1, 8, 2, 2)
+        with torch.inference_mode():
+            net(x, z)
+        net(x, z).square().mean().backward()
+        assert net.out_conv.weight.grad is not None

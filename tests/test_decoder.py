@@ -372,3 +372,22 @@ def test_state_dict_layout_is_unchanged(name, digest):
             dec = build_decoder(name, 32, attention_backend=backend)
         text = "\n".join(f"{k} {tuple(v.shape)}" for k, v in dec.state_dict().items())
         assert hashlib.sha256(text.encode()).hexdigest() == digest, backend
+
+
+@pytest.mark.slow  # torch.compile on the CPU: about a minute
+def test_compile_switch_keeps_weights_and_outputs():
+    """DCSSDAE.compile(): one call compiles encoder and decoder in place; same state-dict keys, same decode
+    (the compiled graph fuses the AdaGN modulation instead of running it in place), and it still trains."""
+    from dcssdae.autoencoder import DCSSDAE
+
+    torch.manual_seed(0)
+    ae = _randomize_(DCSSDAE("tiny-f32c8", "tiny")).eval()
+    z, noise = torch.randn(1, 8, 2, 2), torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = ae.decode(z, noise=noise, steps=1)
+    keys = list(ae.state_dict())
+    assert ae.compile() is ae and list(ae.state_dict()) == keys
+    with torch.inference_mode():
+        _assert_same(ae.decode(z, noise=noise, steps=1), expected)
+    ae.decoder(noise, z).square().mean().backward()
+    assert ae.decoder.out_conv.weight.grad.abs().sum() > 0
