@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from dcssdae.autoencoder import DCSSDAE
 from dcssdae.encoder import Posterior
@@ -381,6 +381,22 @@ def first_calls(entry: Entry, warmup: int, device: torch.device) -> tuple[object
     return None
 
 
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)  # FlopCounterMode passes shapes
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# The CPU kernel of F.scaled_dot_product_attention, which FlopCounterMode does not know (its CUDA kernels it does):
+# counted with torch's own attention formulas, for every model alike (our window attention, SD-VAE's mid block).
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
+
+
 def count_flops(entry: Entry) -> int | None:
     """FLOPs of one call (torch.utils.flop_counter: matmuls, convolutions and attention, forward and backward),
     counted on the eager networks (a compiled graph hides its operators from the counter); None if it fails."""
@@ -388,7 +404,7 @@ def count_flops(entry: Entry) -> int | None:
     networks = model.enc, model.dec
     model.enc, model.dec = model.eager
     try:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
             entry.call()
         return counter.get_total_flops()
     except Exception as err:  # e.g. out of memory: the timed calls report it
