@@ -30,8 +30,12 @@ memory); and the peak working memory of one call, i.e. the peak above what was a
 (weights, AdamW moments and inputs excluded; gradients included, they are freed after each step):
   * CUDA: torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated() before the call.
   * CPU: peak resident set size (/proc/self/statm, sampled every 0.5 ms by a thread) minus the RSS before the
-    call, with glibc told to serve every allocation above 64 KiB by mmap (mallopt), so freed tensors go back
+    call, with glibc told to serve every allocation above 64 KiB by mmap (mallopt) during that call, so freed tensors go back
     to the OS and the RSS follows the live tensors. Approximate (sampling can miss a short peak).
+CPU timing (`--malloc`): "steady" (default) times the calls with glibc's thresholds at the values its dynamic
+adjustment settles at in any long-running process (mmap only above 32 MiB, heap trimmed above 64 MiB), so a freed
+tensor's pages are reused; "mmap" times them as the memory call runs (every allocation above 64 KiB a fresh
+mmap, its pages faulted in and zeroed on every call), which charges each model for the bytes it allocates.
 FLOPs per image: one extra call per row under torch.utils.flop_counter.FlopCounterMode, on the eager networks
 (convolutions, matmuls and attention; forward, and backward for the training step; elementwise work and
 normalisation are not counted), divided by the batch; `--no-flops` skips it. GFLOP/img next to img/s shows how
@@ -246,11 +250,26 @@ class SDVAE(Benchmarked):
 # Measurement.
 
 
-class PeakMemory:
-    """Peak working memory (bytes) of the enclosed code: CUDA allocator stats, or sampled RSS on CPU."""
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+MALLOC = {"mmap": (64 * 2**10, 128 * 2**10), "steady": (32 * 2**20, 64 * 2**20)}  # (mmap, trim) thresholds
 
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
+
+def set_malloc(mode: str) -> None:
+    """glibc allocation thresholds (CPU): "mmap" for the memory calls, "mmap" or "steady" for the timed ones."""
+    libc = ctypes.CDLL("libc.so.6")
+    mmap_threshold, trim_threshold = MALLOC[mode]
+    libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+    libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
+    if mode == "mmap":
+        libc.malloc_trim(0)  # give back what the heap kept, before a memory call takes its RSS baseline
+
+
+class PeakMemory:
+    """Peak working memory (bytes) of the enclosed code: CUDA allocator stats, or sampled RSS on CPU (with every
+    allocation above 64 KiB served by mmap meanwhile; `timing_malloc` is restored on exit)."""
+
+    def __init__(self, device: torch.device, timing_malloc: str = "mmap"):
+        self.device, self.peak, self.timing_malloc = device, 0, timing_malloc
 
     @staticmethod
     def _rss() -> int:
@@ -268,6 +287,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
         else:
+            set_malloc("mmap")  # freed tensors go back to the OS: the RSS follows the live tensors
             self._base = self._max = self._rss()
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -282,6 +302,7 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak = max(self._max, self._rss()) - self._base
+            set_malloc(self.timing_malloc)
 
 
 def _sync(device: torch.device):
@@ -354,14 +375,16 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def first_calls(entry: Entry, warmup: int, device: torch.device) -> tuple[object, int] | None:
+def first_calls(
+    entry: Entry, warmup: int, device: torch.device, timing_malloc: str = "mmap"
+) -> tuple[object, int] | None:
     """Warm-up calls, then one call under PeakMemory. A compiled model that fails here goes eager (with a printed
     message) and is measured again; out of memory returns None."""
     for attempt in range(2):
         try:
             for _ in range(warmup):
                 entry.call()
-            with PeakMemory(device) as mem:
+            with PeakMemory(device, timing_malloc) as mem:
                 out = entry.call()
             return out, mem.peak
         except Exception as err:  # any compiler error falls back to eager; OOM is reported
@@ -417,7 +440,8 @@ def count_flops(entry: Entry) -> int | None:
 
 
 def measure(
-    entries: list[Entry], warmup: int, iters: int, batch: int, device: torch.device, flops: bool = True
+    entries: list[Entry], warmup: int, iters: int, batch: int, device: torch.device, flops: bool = True,
+    timing_malloc: str = "mmap",
 ) -> None:
     """Fill each entry's row: FLOPs per image (one counted call), memory of one call after warm-up, then images/s
     of the fastest interleaved call."""
@@ -426,7 +450,7 @@ def measure(
         if flops:
             total = count_flops(e)
             e.row["flops"] = None if total is None else total / batch
-        result = first_calls(e, warmup, device)
+        result = first_calls(e, warmup, device, timing_malloc)
         nfe = f" {e.nfe} NFE" if e.nfe else ""
         if result is None:
             e.row.update(speed=None, mem=None, error="OOM")
@@ -556,6 +580,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decoder", default="S")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "sdpa", "blocked", "flex"])
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--malloc", default="steady", choices=list(MALLOC),
+                   help="CPU: glibc thresholds during the timed calls (see the module docstring)")  # fmt: skip
     p.add_argument("--no-flops", dest="flops", action="store_false",
                    help="skip the FLOP count (one more eager call per row)")  # fmt: skip
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON here")
@@ -582,8 +608,8 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
-    if cpu:  # every allocation above 64 KiB by mmap, so that the RSS follows live tensors
-        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    if cpu:  # glibc thresholds of the timed calls (the memory calls switch to "mmap" and back)
+        set_malloc(args.malloc)
     if args.compile:  # one graph per (side, part, grad mode): more than dynamo's default of 8 per function
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
@@ -629,10 +655,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     for m in models:
         m.net.eval()
-    measure(inference, args.warmup, args.iters, args.batch, device, args.flops)
+    measure(inference, args.warmup, args.iters, args.batch, device, args.flops, args.malloc)
     for m in models:
         m.net.train()
-    measure(training, args.warmup, args.iters, args.batch, device, args.flops)
+    measure(training, args.warmup, args.iters, args.batch, device, args.flops, args.malloc)
     for m in models:
         m.net.eval()
 
