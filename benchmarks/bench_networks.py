@@ -30,8 +30,9 @@ memory); and the peak working memory of one call, i.e. the peak above what was a
 (weights, AdamW moments and inputs excluded; gradients included, they are freed after each step):
   * CUDA: torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated() before the call.
   * CPU: peak resident set size (/proc/self/statm, sampled every 0.5 ms by a thread) minus the RSS before the
-    call, with glibc told to serve every allocation above 64 KiB by mmap (mallopt) during that call, so freed tensors go back
-    to the OS and the RSS follows the live tensors. Approximate (sampling can miss a short peak).
+    call, with glibc told to serve every allocation above 64 KiB by mmap (mallopt; every memory call runs before
+    any timed one), so freed tensors go back to the OS and the RSS follows the live tensors. Approximate
+    (sampling can miss a short peak).
 CPU timing (`--malloc`): "steady" (default) times the calls with glibc's thresholds at the values its dynamic
 adjustment settles at in any long-running process (mmap only above 32 MiB, heap trimmed above 64 MiB), so a freed
 tensor's pages are reused; "mmap" times them as the memory call runs (every allocation above 64 KiB a fresh
@@ -260,16 +261,14 @@ def set_malloc(mode: str) -> None:
     mmap_threshold, trim_threshold = MALLOC[mode]
     libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
     libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
-    if mode == "mmap":
-        libc.malloc_trim(0)  # give back what the heap kept, before a memory call takes its RSS baseline
 
 
 class PeakMemory:
-    """Peak working memory (bytes) of the enclosed code: CUDA allocator stats, or sampled RSS on CPU (with every
-    allocation above 64 KiB served by mmap meanwhile; `timing_malloc` is restored on exit)."""
+    """Peak working memory (bytes) of the enclosed code: CUDA allocator stats, or sampled RSS on CPU (glibc set to
+    "mmap" by the caller, so that the RSS follows the live tensors)."""
 
-    def __init__(self, device: torch.device, timing_malloc: str = "mmap"):
-        self.device, self.peak, self.timing_malloc = device, 0, timing_malloc
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
 
     @staticmethod
     def _rss() -> int:
@@ -287,7 +286,6 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
         else:
-            set_malloc("mmap")  # freed tensors go back to the OS: the RSS follows the live tensors
             self._base = self._max = self._rss()
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -302,7 +300,6 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak = max(self._max, self._rss()) - self._base
-            set_malloc(self.timing_malloc)
 
 
 def _sync(device: torch.device):
@@ -375,16 +372,14 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def first_calls(
-    entry: Entry, warmup: int, device: torch.device, timing_malloc: str = "mmap"
-) -> tuple[object, int] | None:
+def first_calls(entry: Entry, warmup: int, device: torch.device) -> tuple[object, int] | None:
     """Warm-up calls, then one call under PeakMemory. A compiled model that fails here goes eager (with a printed
     message) and is measured again; out of memory returns None."""
     for attempt in range(2):
         try:
             for _ in range(warmup):
                 entry.call()
-            with PeakMemory(device, timing_malloc) as mem:
+            with PeakMemory(device) as mem:
                 out = entry.call()
             return out, mem.peak
         except Exception as err:  # any compiler error falls back to eager; OOM is reported
@@ -439,18 +434,15 @@ def count_flops(entry: Entry) -> int | None:
             p.grad = None
 
 
-def measure(
-    entries: list[Entry], warmup: int, iters: int, batch: int, device: torch.device, flops: bool = True,
-    timing_malloc: str = "mmap",
-) -> None:
-    """Fill each entry's row: FLOPs per image (one counted call), memory of one call after warm-up, then images/s
-    of the fastest interleaved call."""
+def prepare(entries: list[Entry], warmup: int, batch: int, device: torch.device, flops: bool = True) -> list[Entry]:
+    """Fill each entry's FLOPs per image (one counted call) and memory (one call after warm-up); returns the entries
+    that ran (not out of memory), to be timed."""
     kept = []
     for e in entries:
         if flops:
             total = count_flops(e)
             e.row["flops"] = None if total is None else total / batch
-        result = first_calls(e, warmup, device, timing_malloc)
+        result = first_calls(e, warmup, device)
         nfe = f" {e.nfe} NFE" if e.nfe else ""
         if result is None:
             e.row.update(speed=None, mem=None, error="OOM")
@@ -461,7 +453,12 @@ def measure(
             e.row["loss"] = float(out)
         print(f"  warm {e.side} px {e.part}{nfe} {e.model.label}: {peak / 2**20:.0f} MiB", flush=True)
         kept.append(e)
-    for e, seconds in zip(kept, time_interleaved([e.call for e in kept], iters, device), strict=True):
+    return kept
+
+
+def time_rows(entries: list[Entry], iters: int, batch: int, device: torch.device) -> None:
+    """images/s of each entry's fastest call over `iters` interleaved rounds."""
+    for e, seconds in zip(entries, time_interleaved([e.call for e in entries], iters, device), strict=True):
         e.row.update(speed=batch / seconds, compiled=e.model.compiled)
 
 
@@ -608,8 +605,8 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
-    if cpu:  # glibc thresholds of the timed calls (the memory calls switch to "mmap" and back)
-        set_malloc(args.malloc)
+    if cpu:  # memory calls: every allocation above 64 KiB by mmap, so that the RSS follows live tensors
+        set_malloc("mmap")
     if args.compile:  # one graph per (side, part, grad mode): more than dynamo's default of 8 per function
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
@@ -653,12 +650,20 @@ def main(argv: list[str] | None = None) -> dict:
     for e in inference + training:
         e.row = _row(e.side, e.part, e.nfe, e.model, e.model.key, e.model.label, e.model.params(e.part))
 
-    for m in models:
-        m.net.eval()
-    measure(inference, args.warmup, args.iters, args.batch, device, args.flops, args.malloc)
-    for m in models:
-        m.net.train()
-    measure(training, args.warmup, args.iters, args.batch, device, args.flops, args.malloc)
+    # every memory call first (CPU: glibc in "mmap" mode throughout, so that no heap kept by a timed call inflates
+    # an RSS peak), then the timed rounds (CPU: glibc as --malloc says)
+    groups = ((inference, False), (training, True))  # (entries, train mode)
+    kept = []
+    for entries, train in groups:
+        for m in models:
+            m.net.train(train)
+        kept.append(prepare(entries, args.warmup, args.batch, device, args.flops))
+    if cpu:
+        set_malloc(args.malloc)
+    for (entries, train), ready in zip(groups, kept, strict=True):
+        for m in models:
+            m.net.train(train)
+        time_rows(ready, args.iters, args.batch, device)
     for m in models:
         m.net.eval()
 

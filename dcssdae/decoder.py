@@ -66,9 +66,11 @@ def _timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) 
 
 # GroupNorm (Wu & He 2018). Under torch.compile at inference it runs as one opaque call of the eager kernel:
 # Inductor's own group-norm reduction over a channels-last map is ~20x slower on the CPU (measured, S at 256 px,
-# torch 2.14), which made the compiled decoder slower than the eager one. With autograd it is F.group_norm.
+# torch 2.14), which made the compiled decoder slower than the eager one. With autograd or under autocast (which
+# runs group norm in fp32) it is F.group_norm.
 def _group_norm(x, groups: int, eps: float, weight=None, bias=None) -> torch.Tensor:
-    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+    opaque = not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+    if torch.compiler.is_compiling() and opaque:
         return _group_norm_kernel(x, groups, eps, weight, bias)
     return F.group_norm(x, groups, weight, bias, eps)
 
