@@ -425,7 +425,7 @@ def count_flops(entry: Entry) -> int | None:
         with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
             entry.call()
         return counter.get_total_flops()
-    except Exception as err:  # e.g. out of memory: the timed calls report it
+    except Exception as err:  # noqa: BLE001 (e.g. out of memory: the timed calls report it)
         print(f"  FLOPs not counted for {entry.model.label} ({entry.side} px {entry.part}): {type(err).__name__}")
         return None
     finally:

@@ -333,7 +333,7 @@ def test_fast_path_matches_reference_in_train_with_gradients():
     grads = {n: p.grad for n, p in ref.named_parameters()}
     for name, p in fast.named_parameters():
         # a weight gradient sums over every pixel of the batch: 1e-4 of its largest entry
-        _assert_same(p.grad, grads[name], rel=1e-4, msg=lambda m: f"{name}: {m}")
+        _assert_same(p.grad, grads[name], rel=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("window,grid", [(5, (6, 7)), (17, (4, 5)), (3, (3, 3)), (17, (19, 10)), (1, (2, 3))])
