@@ -212,7 +212,8 @@ class AdaGroupNorm(nn.Module):
         torch.compile the compiler fuses them instead."""
         scale, shift = self.ctx_proj(ctx).chunk(2, dim=1)  # (B, C, h, w) each
         y = _group_norm(x, self.groups, self.eps)
-        inplace = not y.requires_grad and not torch.compiler.is_compiling()
+        # in place only when autograd records nothing here (a frozen level can still have trainable modulations)
+        inplace = not (y.requires_grad or scale.requires_grad) and not torch.compiler.is_compiling()
         y = _modulate_map(y, scale, shift, inplace=inplace)
         return F.silu(y, inplace=inplace) if silu else y
 
