@@ -38,7 +38,8 @@ from dcssdae.sampling import sample, settings_of
 from dcssdae.tiling import Tiling, crop, pad_to_multiple, tiled_call
 
 Corruption = EquilibriumMatching | FlowMatching
-EQM_METHODS = ("gd", "nesterov", "adaptive", "one_step")
+DESCENT_METHODS = ("gd", "nesterov", "adaptive")  # EqM descent with a step schedule (and the corruption's step_to_data)
+EQM_METHODS = (*DESCENT_METHODS, "one_step")
 FM_METHODS = ("euler",)
 
 
@@ -173,7 +174,7 @@ class DCSSDAE(nn.Module):
             raise ValueError(f"unknown setting(s) {unknown} for sampler {method!r}; it takes {takes}")
         if method in EQM_METHODS and "eta" not in sampler:
             sampler["eta"] = self._eta()  # 1 / c(0) of *this* corruption, not the sampling module's default
-        if method in ("gd", "nesterov", "adaptive"):
+        if method in DESCENT_METHODS:
             sampler.setdefault("schedule", "noise")  # explicit in every saved config (see from_config)
         return sampler
 
@@ -233,7 +234,7 @@ class DCSSDAE(nn.Module):
         raw (unscaled) latent z. The EqM descent methods get the corruption's `step_to_data` for their schedule."""
         settings = dict(sampler)
         method = settings.pop("method")
-        if method in ("gd", "nesterov", "adaptive"):
+        if method in DESCENT_METHODS:
             settings["step_to_data"] = self.corruption.step_to_data  # s(gamma) of the schedule; not in the config
         return sample(self.pred, noise, method, context=(z,), **settings)
 
@@ -314,7 +315,7 @@ class DCSSDAE(nn.Module):
         if unknown:
             raise ValueError(f"unknown DCSSDAE config key(s) {unknown}; known: {sorted(known)}")
         sampler = config.get("sampler")
-        if sampler and sampler.get("method") in ("gd", "nesterov", "adaptive") and "schedule" not in sampler:
+        if sampler and sampler.get("method") in DESCENT_METHODS and "schedule" not in sampler:
             # saved before step schedules existed: it was validated with a constant step
             config = {**config, "sampler": {**sampler, "schedule": "constant"}}
         return cls(**config)

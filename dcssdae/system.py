@@ -304,7 +304,7 @@ class DCSSDAESystem(pl.LightningModule):
         x = batch["image"]
         x_hat, nfe = self.reconstruct(x, batch_idx)
         self.val_metrics.update(x_hat, x, nfe)
-        if self.baseline_metrics is not None and self._baseline_cached() is None:
+        if self.baseline_metrics is not None and not (self._baseline_reusable() and self.baseline_result is not None):
             encoder = self.ae.encoder
             x_base = baseline(self.val_baseline, x, encoder.latent_channels, encoder.downsample_factor)
             self.baseline_metrics.update(x_base, x)
@@ -337,11 +337,10 @@ class DCSSDAESystem(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.report_metrics("test")
 
-    def _baseline_cached(self) -> dict | None:
-        """The baseline's metrics measured at an earlier validation of this fit, or None (measure it now)."""
-        if self.trainer.state.fn.value != "fit" or self.trainer.sanity_checking:
-            return None
-        return self.baseline_result
+    def _baseline_reusable(self) -> bool:
+        """fit validates the same images every time: its baseline is measured once (not on the sanity check) and
+        reused; validate / test measure it every time."""
+        return self.trainer.state.fn.value == "fit" and not self.trainer.sanity_checking
 
     def report_metrics(self, stage: str) -> None:
         metrics = self.val_metrics.compute()  # synchronised over ranks
@@ -350,12 +349,12 @@ class DCSSDAESystem(pl.LightningModule):
         self.log_dict({f"{stage}/{k}": float(v) for k, v in metrics.items()}, sync_dist=True)
         others = {}
         if self.baseline_metrics is not None:
-            result = self._baseline_cached()
+            reusable = self._baseline_reusable()
+            result = self.baseline_result if reusable else None
             if result is None:
                 result = self.baseline_metrics.compute()
                 self.baseline_metrics.reset()
-                # fit validates the same images every time: measure the baseline once (not on the sanity check)
-                if self.trainer.state.fn.value == "fit" and not self.trainer.sanity_checking:
+                if reusable:
                     self.baseline_result = result
             others = {self.val_baseline: result}
             self.log_dict({f"{stage}_{self.val_baseline}/{k}": float(v) for k, v in result.items()}, sync_dist=True)
