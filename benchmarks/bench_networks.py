@@ -69,8 +69,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from dcssdae.autoencoder import DCSSDAE
 from dcssdae.encoder import Posterior
+from dcssdae.files import write_json
 from dcssdae.losses import LossWeights, kl_loss
-from dcssdae.metrics import write_json
 from dcssdae.sampling import sample
 
 REFERENCES = ("dc-ae", "sd-vae")

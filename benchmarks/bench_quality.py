@@ -477,7 +477,8 @@ def format_tables(results: dict[str, Any]) -> str:
 
 
 def main_evaluate(args: argparse.Namespace) -> int:
-    from dcssdae.metrics import ReconstructionMetrics, finite_or_none, write_json
+    from dcssdae.files import finite_or_none, write_json
+    from dcssdae.metrics import ReconstructionMetrics
 
     runs_dir, out = Path(args.runs), Path(args.out or args.runs)
     paths = [runs_dir / f"{o}.pt" for o in OBJECTIVES if (runs_dir / f"{o}.pt").is_file()]

@@ -26,7 +26,8 @@ from PIL import Image
 from dcssdae.autoencoder import DCSSDAE
 from dcssdae.baselines import baseline
 from dcssdae.data import ImageNetDataModule
-from dcssdae.metrics import ReconstructionMetrics, format_table, quantize_uint8, write_json
+from dcssdae.files import write_json
+from dcssdae.metrics import ReconstructionMetrics, format_table, quantize_uint8
 
 COLUMNS = [("num_images", "images", "{:d}"), ("nfe", "NFE", "{:.0f}"), ("psnr", "PSNR dB", "{:.2f}"),
            ("ssim", "SSIM", "{:.3f}"), ("stlpips_alex", "ST-LPIPS Alex", "{:.3f}"),

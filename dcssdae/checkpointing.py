@@ -40,7 +40,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from dcssdae.metrics import umask_mode
+from dcssdae.files import umask_mode
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from dcssdae.metrics import atomic_folder, write_json  # atomic writers
+from dcssdae.files import atomic_folder, write_json
 
 EXPORT_FORMAT = "dcssdae-export-1"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"

@@ -31,12 +31,9 @@ metrics are computed on the quantised values (as [0, 1] floats or uint8):
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import types
@@ -49,6 +46,8 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.utilities import rank_zero_warn
+
+from dcssdae.files import umask_mode
 
 LPIPS_VARIANTS = ("lpips", "stlpips", "stlpips_alex", "stlpips_vgg", "lpips_random", None)
 FID_RELIABLE_NUM_IMAGES = 10_000
@@ -483,80 +482,3 @@ def format_table(metrics: dict, others: dict[str, dict] | None = None, first: st
     widths = [max((len(r[1][i]) for r in rows), default=0) for i in range(len(columns))]
     return "\n".join((f"{label:<{width}}  " + "  ".join(f"{t:>{w}}" for t, w in zip(texts, widths)) + f"  {note}")
                      .rstrip() for label, texts, note in rows)
-
-
-def finite_or_none(tree: Any) -> Any:
-    """A JSON tree (dicts, lists, tuples) with every nan / inf float replaced by None (JSON null)."""
-    if isinstance(tree, dict):
-        return {str(k): finite_or_none(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [finite_or_none(v) for v in tree]
-    return None if isinstance(tree, float) and not math.isfinite(tree) else tree
-
-
-def umask_mode(mode: int = 0o666) -> int:
-    """The permissions `open()` / `mkdir()` would give a new file (0o666) or folder (0o777) under the current umask
-    (tempfile.mkstemp / mkdtemp create owner-only 0600 / 0700; atomic writers chmod their result to this)."""
-    return mode & ~_umask()
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where /proc allows (os.umask sets it, briefly, for every thread)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
-@contextlib.contextmanager
-def atomic_folder(out: str | os.PathLike):
-    """Write a folder atomically: yields a temporary folder beside `out` to fill; on success it takes `out`'s place
-    (an existing `out` is moved aside, then deleted), with the permissions the umask gives; on error it is removed and
-    `out` is untouched."""
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        yield tmp
-        for file in tmp.rglob("*"):
-            os.chmod(file, umask_mode(0o777 if file.is_dir() else 0o666))
-        os.chmod(tmp, umask_mode(0o777))  # mkdtemp made it owner-only
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / out.name)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(old / out.name, out)  # put the previous folder back
-                shutil.rmtree(old)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def write_json(metrics: dict, path: str | os.PathLike) -> Path:
-    """Write `metrics` (any JSON tree) to `path` as JSON, atomically; nan and inf become null at any depth."""
-    clean = finite_or_none(metrics)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(clean, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path

@@ -38,8 +38,9 @@ from torch import nn
 from dcssdae.autoencoder import DCSSDAE, build_corruption, corruption_config, load_weights
 from dcssdae.baselines import baseline
 from dcssdae.corruption import EquilibriumMatching, FlowMatching
+from dcssdae.files import write_json
 from dcssdae.losses import LossWeights, LPIPSLoss, REPALoss, kl_loss
-from dcssdae.metrics import ReconstructionMetrics, format_table, psnr_uint8, quantize_uint8, write_json
+from dcssdae.metrics import ReconstructionMetrics, format_table, psnr_uint8, quantize_uint8
 
 # Parameters that get no weight decay: biases, norm gains, embeddings and position tables (any tensor with < 2
 # dims, plus these names), as in nanoGPT / timm.

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dcssdae import metrics
-from dcssdae.metrics import ReconstructionMetrics, format_table, quantize_uint8, write_json
+from dcssdae.files import write_json
+from dcssdae.metrics import ReconstructionMetrics, format_table, quantize_uint8
 
 
 def levels_to_images(levels: torch.Tensor) -> torch.Tensor:
