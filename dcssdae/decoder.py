@@ -12,12 +12,12 @@ Differences from the published SSDD code, on purpose (see docs and the DC-SSDAE 
   * The relative-bias table is gathered into the attention bias on every forward (only integer index tensors
     are cached, keyed by the grid size). The default backend never builds an N x N bias: on the CPU the grid is
     cut into 8 x 8 query tiles that attend to their key halo (bias (T*heads, 64, (8+2r)^2), shared by the
-    batch, T = 16 tiles at a time), on CUDA FlexAttention skips the masked blocks. The dense "sdpa" backend ((1, heads, N, N), shared
-    by the batch) is kept as the reference.
+    batch, T = 8 tiles at a time), on CUDA FlexAttention skips the masked blocks. The dense "sdpa" backend
+    ((1, heads, N, N), shared by the batch) is kept as the reference.
   * Speed without changing the function: the conv levels run channels-last, and without autograd the AdaGN
     modulation and the SiLU overwrite the norm's output (tests/test_decoder.py compares every fast path with
     the reference path, values and gradients).
-  * Lean inference (`ResBlock.lean`, exact up to fp32 rounding): without autograd, eager and channels-last, the
+  * Lean inference (`ResBlock.lean`, exact up to fp32 rounding): without autograd, on the CPU, eager, the
     blocks on maps of at least `lean_min_pixels` (256^2) run in row stripes: the concatenated input, the norm
     outputs and the upsampled map are never stored (GroupNorm moments are summed over stripes, the up conv runs
     in sub-pixel form inside the next block), outputs overwrite skips that are no longer needed, and the input
@@ -255,7 +255,7 @@ class AdaLayerNorm(nn.Module):
 # where it is compiled, blocked elsewhere).
 ATTENTION_BACKENDS = ("auto", "sdpa", "blocked", "flex")
 TILE = 8  # query tile side of the blocked backend (at most r + 1: see _blocked)
-CHUNK_TILES = 16  # tiles the blocked backend attends at once (bounds its working memory)
+CHUNK_TILES = 8  # tiles the blocked backend attends at once (bounds its working memory)
 
 
 class WindowAttention(nn.Module):
@@ -303,7 +303,7 @@ class WindowAttention(nn.Module):
         # gathered once per forward from the table for one tile (heads, t^2, K^2) and -inf on the padding keys.
         # Every padding query (row or column past the edge, dropped at the end) is within r of a grid token,
         # since t <= r + 1, so no softmax row is empty. Memory: (T * heads, t^2, K^2) scores, not N^2, and
-        # the tiles go in chunks of whole tile rows of about CHUNK_TILES tiles (one chunk up to a 32 x 32 grid).
+        # the tiles go in chunks of whole tile rows of about CHUNK_TILES tiles.
         (Hg, Wg), r, (B, heads, N, d) = grid, self.radius, q.shape
         t = min(TILE, r + 1)
         nty, ntx, Ks = -(-Hg // t), -(-Wg // t), t + 2 * r
@@ -330,6 +330,7 @@ class WindowAttention(nn.Module):
             bc = bias.masked_fill(~valid[y0 * ntx : y1 * ntx, None, None, :], float("-inf"))  # (Tc, heads, t^2,
             # K^2)
             out.append(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=bc.view(1, Tc * heads, t * t, -1)))
+            del kc, vc, bc  # before the next chunk's are built
         out = torch.cat(out, dim=1) if len(out) > 1 else out[0]
         out = out.view(B, nty, ntx, heads, t, t, d).permute(0, 3, 1, 4, 2, 5, 6).reshape(B, heads, Hp, Wp, d)
         return out[:, :, :Hg, :Wg].reshape(B, heads, N, d)
@@ -364,8 +365,18 @@ class GEGLU(nn.Module):
         self.proj_out = _zero_(nn.Linear(mult * dim, dim))  # zero residual output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # without autograd, in chunks of tokens: the hidden activations (2 * mult * D per token) are the largest
+        # tensors of the middle
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or x.shape[-2] <= FF_CHUNK_TOKENS:
+            return self._ff(x)
+        return torch.cat([self._ff(c) for c in x.split(FF_CHUNK_TOKENS, dim=-2)], dim=-2)
+
+    def _ff(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = self.proj_in(x).chunk(2, dim=-1)
         return self.proj_out(a * F.gelu(gate))
+
+
+FF_CHUNK_TOKENS = 1024  # tokens per GEGLU chunk without autograd (one chunk up to a 32 x 32 grid)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -684,9 +695,9 @@ class UViTDecoder(nn.Module):
         # run the conv levels channels-last (oneDNN / cuDNN convolutions are about 2x faster so on the CPU).
         # False: the reference NCHW path.
         self.channels_last = True
-        # Lean inference (ResBlock.lean): without autograd (eager, channels-last, no autocast), the blocks on maps
-        # of at least `lean_min_pixels` pixels run in row stripes of `stripe_rows` rows, and an up conv feeding one
-        # is computed inside it; None: never.
+        # Lean inference (ResBlock.lean): without autograd (CPU, eager, channels-last, no autocast), the blocks
+        # on maps of at least `lean_min_pixels` pixels run in row stripes of `stripe_rows` rows, and an up conv
+        # feeding one is computed inside it; None: never.
         self.lean_min_pixels: int | None = LEAN_MIN_PIXELS
         self.stripe_rows = STRIPE_ROWS
 
@@ -743,7 +754,8 @@ class UViTDecoder(nn.Module):
         ctx = F.silu(ctx)
         h = self._input_head(x_t, z)  # (B, C0, H, W)
         lean = (
-            self.channels_last
+            x_t.device.type == "cpu"  # stripes are many small kernels: not measured on a GPU
+            and self.channels_last
             and self.lean_min_pixels is not None
             and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()

@@ -512,3 +512,14 @@ def test_blocked_attention_in_chunks_matches_dense(monkeypatch, chunk_tiles, gri
         results.append((out, x.grad, attn.rel_bias.grad))
     for a, b in zip(*results, strict=True):
         _assert_same(b, a)
+
+
+def test_feed_forward_in_chunks_without_autograd(monkeypatch):
+    from dcssdae import decoder
+
+    ff = _randomize_(decoder.GEGLU(16, mult=2), std=0.5)
+    x = torch.randn(2, 50, 16)
+    expected = ff(x)  # autograd on: one call
+    monkeypatch.setattr(decoder, "FF_CHUNK_TOKENS", 7)
+    with torch.no_grad():
+        _assert_same(ff(x), expected)
