@@ -22,7 +22,7 @@ Differences from the published SSDD code, on purpose (see docs and the DC-SSDAE 
     outputs and the upsampled map are never stored (GroupNorm moments are summed over stripes, the up conv runs
     in sub-pixel form inside the next block), outputs overwrite skips that are no longer needed, and the input
     head is recomputed for the last block instead of held (when half resolution is lean too). S at 512 px: peak
-    working memory 644 -> about 250 MiB; off under torch.compile.
+    working memory 644 -> 275 MiB (bench_networks.py, CPU); off under torch.compile.
   * Window side 17 (offsets -8..+8) as the SSDD text says (the published code used 15).
   * Time conditioning is optional (`time_conditioned`): flow matching needs it, Equilibrium Matching has none
     and then no time module is built at all. The time embedding (sinusoidal of t*1000 -> MLP) is added to the
