@@ -12,11 +12,17 @@ Differences from the published SSDD code, on purpose (see docs and the DC-SSDAE 
   * The relative-bias table is gathered into the attention bias on every forward (only integer index tensors
     are cached, keyed by the grid size). The default backend never builds an N x N bias: on the CPU the grid is
     cut into 8 x 8 query tiles that attend to their key halo (bias (T*heads, 64, (8+2r)^2), shared by the
-    batch), on CUDA FlexAttention skips the masked blocks. The dense "sdpa" backend ((1, heads, N, N), shared
-    by the batch) is kept as the reference.
+    batch, T = 8 tiles at a time), on CUDA FlexAttention skips the masked blocks. The dense "sdpa" backend
+    ((1, heads, N, N), shared by the batch) is kept as the reference.
   * Speed without changing the function: the conv levels run channels-last, and without autograd the AdaGN
     modulation and the SiLU overwrite the norm's output (tests/test_decoder.py compares every fast path with
     the reference path, values and gradients).
+  * Lean inference (`ResBlock.lean`, exact up to fp32 rounding): without autograd, on the CPU, eager, the
+    blocks on maps of at least `lean_min_pixels` (256^2) run in row stripes: the concatenated input, the norm
+    outputs and the upsampled map are never stored (GroupNorm moments are summed over stripes, the up conv runs
+    in sub-pixel form inside the next block), outputs overwrite skips that are no longer needed, and the input
+    head is recomputed for the last block instead of held (when half resolution is lean too). S at 512 px: peak
+    working memory 644 -> 275 MiB (bench_networks.py, CPU); off under torch.compile.
   * Window side 17 (offsets -8..+8) as the SSDD text says (the published code used 15).
   * Time conditioning is optional (`time_conditioned`): flow matching needs it, Equilibrium Matching has none
     and then no time module is built at all. The time embedding (sinusoidal of t*1000 -> MLP) is added to the
@@ -36,6 +42,7 @@ parameter).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -88,26 +95,35 @@ def _(x, groups, eps, weight, bias):
 
 
 # Adaptive modulation x * (1 + scale) + shift, with (scale, shift) given on a coarser grid and
-# nearest-upsampled by broadcasting (no upsampled copy is materialised). Maps: x (B, C, H, W), scale/shift (B,
-# C, h, w), H = h * rh. A channels-last x is modulated through a channels-innermost view (one contiguous pass,
-# and the result stays channels-last); `inplace` writes the result into x (inference: x is a fresh norm output).
+# nearest-upsampled by broadcasting (no upsampled copy is materialised); `inplace` writes the result into x
+# (inference: x is a fresh norm output).
 def _modulate_map(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, inplace: bool = False
 ) -> torch.Tensor:
+    return _affine_map(x, 1 + scale, shift, out=x if inplace else None)
+
+
+# x * mul + add with (mul, add) on a coarser grid, nearest-upsampled by broadcasting. Maps: x (B, C, H, W),
+# mul/add (B, C, h, w), H = h * rh. A channels-last x (or a row stripe of one) is computed through a
+# channels-innermost view (one contiguous pass, and the result stays channels-last). `out`: a tensor of x's shape
+# and layout to write into.
+def _affine_map(
+    x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     B, C, H, W = x.shape
-    h, w = scale.shape[-2:]
-    if _is_channels_last(x):
-        x6 = x.permute(0, 2, 3, 1).view(B, h, H // h, w, W // w, C)
-        scale, shift = (m.permute(0, 2, 3, 1)[:, :, None, :, None] for m in (scale, shift))  # (B, h, 1, w, 1, C)
-        out = torch.addcmul(shift, x6, 1 + scale, out=x6 if inplace else None)
-        return out.reshape(B, H, W, C).permute(0, 3, 1, 2)  # a view (reshape: the compiler's stride guesses)
+    h, w = mul.shape[-2:]
+    if x.stride(1) == 1 and not x.is_contiguous():  # channels innermost
+
+        def split(m):  # (B, H, W, C) -> (B, h, H/h, w, W/w, C), a view
+            return m.permute(0, 2, 3, 1).view(B, h, H // h, w, W // w, C)
+
+        mul, add = (m.permute(0, 2, 3, 1)[:, :, None, :, None] for m in (mul, add))  # (B, h, 1, w, 1, C)
+        y = torch.addcmul(add, split(x), mul, out=None if out is None else split(out))
+        return y.reshape(B, H, W, C).permute(0, 3, 1, 2)  # a view (reshape: the compiler's stride guesses)
     x6 = x.view(B, C, h, H // h, w, W // w)
-    scale, shift = scale[:, :, :, None, :, None], shift[:, :, :, None, :, None]
-    return torch.addcmul(shift, x6, 1 + scale, out=x6 if inplace else None).reshape(B, C, H, W)
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    mul, add = mul[:, :, :, None, :, None], add[:, :, :, None, :, None]
+    out6 = None if out is None else out.view(B, C, h, H // h, w, W // w)
+    return torch.addcmul(add, x6, mul, out=out6).reshape(B, C, H, W)
 
 
 # Same for tokens: x (B, N, D) on a row-major (Hg, Wg) grid, scale/shift (B, h, w, D).
@@ -239,6 +255,7 @@ class AdaLayerNorm(nn.Module):
 # where it is compiled, blocked elsewhere).
 ATTENTION_BACKENDS = ("auto", "sdpa", "blocked", "flex")
 TILE = 8  # query tile side of the blocked backend (at most r + 1: see _blocked)
+CHUNK_TILES = 8  # tiles the blocked backend attends at once (bounds its working memory)
 
 
 class WindowAttention(nn.Module):
@@ -285,24 +302,36 @@ class WindowAttention(nn.Module):
         # each tile attends to the K^2 = (t + 2r)^2 keys around it (zero-padded past the edges), with the bias
         # gathered once per forward from the table for one tile (heads, t^2, K^2) and -inf on the padding keys.
         # Every padding query (row or column past the edge, dropped at the end) is within r of a grid token,
-        # since t <= r + 1, so no softmax row is empty. Memory: (T * heads, t^2, K^2) scores, not N^2.
+        # since t <= r + 1, so no softmax row is empty. Memory: (T * heads, t^2, K^2) scores, not N^2, and
+        # the tiles go in chunks of whole tile rows of about CHUNK_TILES tiles.
         (Hg, Wg), r, (B, heads, N, d) = grid, self.radius, q.shape
         t = min(TILE, r + 1)
         nty, ntx, Ks = -(-Hg // t), -(-Wg // t), t + 2 * r
         Hp, Wp, T = nty * t, ntx * t, nty * ntx
         offset, valid = _window_tiles(Hg, Wg, r, t, q.device)
         table = F.pad(self.rel_bias, (1, 1, 1, 1), value=float("-inf")).flatten(1)  # (heads, (2r + 3)^2)
-        bias = table[:, offset].to(q.dtype).masked_fill(~valid[:, None, None, :], float("-inf"))  # (T, heads,
-        # t^2, K^2); tiles are folded into the head axis so that the bias broadcasts over the batch
+        bias = table[:, offset].to(q.dtype)  # (heads, t^2, K^2), the same for every tile
         q = F.pad(q.view(B, heads, Hg, Wg, d), (0, 0, 0, Wp - Wg, 0, Hp - Hg))
         q = q.view(B, heads, nty, t, ntx, t, d).permute(0, 2, 4, 1, 3, 5, 6).reshape(B, T * heads, t * t, d)
 
-        def halo(x):  # (B, heads, N, d) -> (B, T * heads, K^2, d): the keys (values) around each tile
+        def halo(x):  # (B, heads, N, d) -> (B, heads, nty, ntx, d, Ks, Ks), a view: the keys around each tile
             x = F.pad(x.view(B, heads, Hg, Wg, d), (0, 0, r, r + Wp - Wg, r, r + Hp - Hg))
-            x = x.unfold(2, Ks, t).unfold(3, Ks, t)  # (B, heads, nty, ntx, d, Ks, Ks)
-            return x.permute(0, 2, 3, 1, 5, 6, 4).reshape(B, T * heads, Ks * Ks, d)
+            return x.unfold(2, Ks, t).unfold(3, Ks, t)
 
-        out = F.scaled_dot_product_attention(q, halo(k), halo(v), attn_mask=bias.view(1, T * heads, t * t, -1))
+        k, v = halo(k), halo(v)
+        out = []
+        chunk = max(1, CHUNK_TILES // ntx)  # tile rows per chunk
+        for y0 in range(0, nty, chunk):
+            y1 = min(y0 + chunk, nty)
+            # Tc tiles, folded into the head axis so that the bias broadcasts over the batch
+            Tc = (y1 - y0) * ntx
+            qc = q[:, y0 * ntx * heads : y1 * ntx * heads]
+            kc, vc = (x[:, :, y0:y1].permute(0, 2, 3, 1, 5, 6, 4).reshape(B, Tc * heads, -1, d) for x in (k, v))
+            bc = bias.masked_fill(~valid[y0 * ntx : y1 * ntx, None, None, :], float("-inf"))  # (Tc, heads, t^2,
+            # K^2)
+            out.append(F.scaled_dot_product_attention(qc, kc, vc, attn_mask=bc.view(1, Tc * heads, t * t, -1)))
+            del kc, vc, bc  # before the next chunk's are built
+        out = torch.cat(out, dim=1) if len(out) > 1 else out[0]
         out = out.view(B, nty, ntx, heads, t, t, d).permute(0, 3, 1, 4, 2, 5, 6).reshape(B, heads, Hp, Wp, d)
         return out[:, :, :Hg, :Wg].reshape(B, heads, N, d)
 
@@ -336,8 +365,109 @@ class GEGLU(nn.Module):
         self.proj_out = _zero_(nn.Linear(mult * dim, dim))  # zero residual output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # without autograd, in chunks of tokens: the hidden activations (2 * mult * D per token) are the largest
+        # tensors of the middle
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or x.shape[-2] <= FF_CHUNK_TOKENS:
+            return self._ff(x)
+        return torch.cat([self._ff(c) for c in x.split(FF_CHUNK_TOKENS, dim=-2)], dim=-2)
+
+    def _ff(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = self.proj_in(x).chunk(2, dim=-1)
         return self.proj_out(a * F.gelu(gate))
+
+
+FF_CHUNK_TOKENS = 1024  # tokens per GEGLU chunk without autograd (one chunk up to a 32 x 32 grid)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Lean inference path: a ResBlock of a large level evaluated in row stripes.
+#
+# Without autograd a ResBlock need not hold its full-size intermediates (the concatenated input, the norm
+# outputs, the upsampled map before the up conv). `ResBlock.lean` takes its input as a list of parts (the
+# concatenation is never built), each a map or a map computed on demand (`_Upsampled`); the GroupNorm moments
+# are accumulated over row stripes, then each stripe is normalised, modulated, activated and convolved with its
+# one-row halo. Only the first conv's output and the block output are full-size. The same function as
+# ResBlock.forward up to fp32 rounding (tests/test_decoder.py compares it with the reference path).
+
+
+# Per-(sample, channel) moments over row stripes: the sums of x - K and (x - K)^2 in float64, K the first stripe's
+# mean (the shift keeps the variance E[(x - K)^2] - E[x - K]^2 clear of cancellation when |mean| >> std).
+class _Moments:
+    def __init__(self):
+        self.n, self.shift, self.s1, self.s2 = 0, None, 0.0, 0.0
+
+    def add(self, x: torch.Tensor) -> None:  # x (B, C, R, W)
+        x = x.permute(0, 2, 3, 1)  # channels innermost: the sums below are one contiguous pass
+        if self.shift is None:
+            self.shift = x.mean(dim=(1, 2), keepdim=True)
+        d = x - self.shift
+        self.n += x.shape[1] * x.shape[2]
+        self.s1 = self.s1 + d.sum(dim=(1, 2)).double()  # fp32 within a stripe (cascade sums), fp64 across
+        self.s2 = self.s2 + d.square_().sum(dim=(1, 2)).double()
+
+    def mean_m2(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and sum of squared deviations, (B, C) float64 each."""
+        mean = self.s1 / self.n
+        return self.shift.reshape(mean.shape).double() + mean, self.s2 - self.s1 * mean
+
+
+# AdaGN of a map known by its channel moments, as one affine map per (sample, channel, latent cell):
+# AdaGN(x) = x * mul + add with mul = rstd_g (1 + scale), add = shift - mean_g rstd_g (1 + scale), g the group of
+# the channel (consecutive channels of the concatenated parts: a group may straddle two parts).
+def _adagn_affine(norm: AdaGroupNorm, moments: list[_Moments], ctx: torch.Tensor):
+    n = moments[0].n
+    mean, m2 = (torch.cat(m, dim=1) for m in zip(*(m.mean_m2() for m in moments), strict=True))  # (B, C)
+    B, C = mean.shape
+    mean_c, m2_c = mean.view(B, norm.groups, -1), m2.view(B, norm.groups, -1)
+    mean_g = mean_c.mean(-1, keepdim=True)
+    m2_g = m2_c.sum(-1, keepdim=True) + n * (mean_c - mean_g).square().sum(-1, keepdim=True)
+    var_g = m2_g / (n * mean_c.shape[-1])
+    rstd = (var_g + norm.eps).rsqrt()
+    rstd, mean_g = (s.expand(B, norm.groups, C // norm.groups).reshape(B, C, 1, 1) for s in (rstd, mean_g))
+    scale, shift = norm.ctx_proj(ctx).chunk(2, dim=1)  # (B, C, h, w) each
+    gain = rstd * (1 + scale.double())
+    mul, add = gain.to(scale.dtype), (shift.double() - mean_g * gain).to(scale.dtype)
+    return tuple(m.contiguous(memory_format=torch.channels_last) for m in (mul, add))  # so are their rows
+
+
+# Nearest x2 upsampling then a 3x3 conv (the U-Net's `l{i}_up`), computed on demand for rows of its output from
+# the low-resolution map, in sub-pixel form: each output pixel sees a 2x2 neighbourhood of the low map through one
+# of four 2x2 kernels (the sums of the 3x3 taps that land on the same low pixel): 4/9 of the multiply-adds and no
+# upsampled copy. One conv with the four kernels stacked gives, at low position (i, j), the output pixels
+# (2i - 1 + sy, 2j - 1 + sx), (sy, sx) in {0, 1}^2; tap k of the 3x3 kernel lands on low offset (s + k) // 2 - 1.
+class _Upsampled:
+    def __init__(self, low: torch.Tensor, up: nn.Sequential):
+        conv = up[1]
+        B, _, h, w = low.shape
+        self.low, self.shape = low, (B, conv.out_channels, 2 * h, 2 * w)
+        taps = torch.zeros(2, 2, 3, dtype=conv.weight.dtype, device=low.device)  # [s, a, k]
+        for s in (0, 1):
+            for k in range(3):
+                taps[s, (s + k) // 2, k] = 1
+        weight = torch.einsum("yak,xbl,oikl->yxoiab", taps, taps, conv.weight)  # (2, 2, Cout, Cin, 2, 2)
+        self.weight = weight.reshape(4 * conv.out_channels, conv.in_channels, 2, 2)
+        self.bias = conv.bias.repeat(4)
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) of the output, (B, C, b - a, W) channels-last."""
+        B, C, H, W = self.shape
+        h = H // 2
+        i0, i1 = (a + 1) // 2, b // 2 + 1  # low positions i0..i1-1 give the output rows 2*i0 - 1 .. 2*i1 - 2
+        low = self.low[:, :, max(i0 - 1, 0) : min(i1, h)]
+        low = F.pad(low, (0, 0, int(i0 == 0), int(i1 > h)))  # the conv's zero rows outside the map
+        o = F.conv2d(low, self.weight, self.bias, padding=(0, 1))  # (B, 4C, i1 - i0, W/2 + 1)
+        R, w1 = o.shape[-2:]
+        o = o.permute(0, 2, 3, 1).reshape(B, R, w1, 2, 2, C).transpose(2, 3).reshape(B, 2 * R, 2 * w1, C)
+        first = 2 * i0 - 1
+        return o[:, a - first : b - first, 1 : W + 1].permute(0, 3, 1, 2)
+
+
+LEAN_MIN_PIXELS = 256 * 256  # default of UViTDecoder.lean_min_pixels
+STRIPE_ROWS = 16  # default of UViTDecoder.stripe_rows
+
+
+def _part_rows(part, a: int, b: int) -> torch.Tensor:
+    return part[:, :, a:b] if isinstance(part, torch.Tensor) else part.rows(a, b)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -359,6 +489,69 @@ class ResBlock(nn.Module):
         h = self.conv1(self.norm1(x, ctx, silu=True))
         h = self.conv2(self.norm2(h, ctx, silu=True))
         return h.add_(self.skip(x))  # in place: no backward formula needs conv2's output
+
+    def lean(self, parts: list, ctx: torch.Tensor, stripe_rows: int, reuse: torch.Tensor | None = None):
+        """forward(cat(parts), ctx) without autograd, in row stripes of `stripe_rows` (see the section "Lean
+        inference path"). `parts`: maps (B, C_k, H, W) or `_Upsampled`, consumed: the list is emptied once they
+        are read, so each is freed when the caller holds no other reference. `reuse`: a map of the output's shape
+        the caller no longer needs (it may be the last part): the output is written into it."""
+        B, _, H, W = parts[0].shape
+        rh = H // ctx.shape[-2]
+        latent_row = torch.arange(H, device=ctx.device) // rh
+        stripes = [(a, min(a + stripe_rows, H)) for a in range(0, H, stripe_rows)]
+
+        def stripe_affine(affine, lo, hi):  # the (mul, add) rows of image rows [lo, hi): (B, C, hi - lo, w)
+            return (m.permute(0, 2, 3, 1)[:, latent_row[lo:hi]].permute(0, 3, 1, 2) for m in affine)
+
+        def halo_pad(y, a, b, lo, hi):  # zero rows where the 3x3 conv's halo leaves the image
+            return F.pad(y, (0, 0, lo - (a - 1), b + 1 - hi)) if lo == a or hi == b else y
+
+        # GroupNorm moments of the concatenated input, over stripes (an _Upsampled part is computed here once
+        # and once more below); the stripe edges are odd rows, where _Upsampled wastes nothing
+        moments = [_Moments() for _ in parts]
+        edges = [0, *range(2 * stripe_rows - 1, H, 2 * stripe_rows), H]
+        for part, m in zip(parts, moments, strict=True):
+            for a, b in itertools.pairwise(edges):
+                m.add(_part_rows(part, a, b))
+        affine = _adagn_affine(self.norm1, moments, ctx)
+
+        # conv1(SiLU(AdaGN(x))) stripe by stripe into h1 (and its moments); the skip branch goes into the output.
+        # Where the output overwrites a part, stripe k's skip rows are written once stripe k + 1 has read its halo.
+        cout = self.conv1.out_channels
+        fits = reuse is not None and reuse.shape == (B, cout, H, W) and reuse.stride(1) == 1
+        like = {"dtype": ctx.dtype, "device": ctx.device, "memory_format": torch.channels_last}
+        out = reuse if fits else torch.empty(B, cout, H, W, **like)
+        delay = any(p is out for p in parts)
+        h1 = torch.empty_like(out)
+        h1_moments, pending = _Moments(), None
+        for a, b in stripes:
+            lo, hi = max(a - 1, 0), min(b + 1, H)
+            x = torch.cat([_part_rows(p, lo, hi) for p in parts], dim=1)  # (B, Cin, hi - lo, W)
+            if pending is not None:
+                out[:, :, pending[0] : pending[1]] = pending[2]
+            raw = x[:, :, a - lo : b - lo]
+            skip = self.skip(raw)
+            if delay:
+                pending = (a, b, skip.clone() if skip is raw else skip)
+            else:
+                out[:, :, a:b] = skip
+            y = F.silu(_affine_map(x, *stripe_affine(affine, lo, hi), out=x), inplace=True)
+            h = F.conv2d(halo_pad(y, a, b, lo, hi), self.conv1.weight, self.conv1.bias, padding=(0, 1))
+            h1_moments.add(h)
+            h1[:, :, a:b] = h
+        if pending is not None:
+            out[:, :, pending[0] : pending[1]] = pending[2]
+        parts.clear()
+        del x, raw, skip, y, h, pending
+
+        # out += conv2(SiLU(AdaGN(h1))), stripe by stripe
+        affine = _adagn_affine(self.norm2, [h1_moments], ctx)
+        for a, b in stripes:
+            lo, hi = max(a - 1, 0), min(b + 1, H)
+            y = F.silu(_affine_map(h1[:, :, lo:hi], *stripe_affine(affine, lo, hi)), inplace=True)
+            y = halo_pad(y, a, b, lo, hi)
+            out[:, :, a:b] += F.conv2d(y, self.conv2.weight, self.conv2.bias, padding=(0, 1))
+        return out
 
 
 # Pre-norm transformer block: x + Attn(AdaLN(x)), then x + GEGLU(AdaLN(x)).
@@ -502,6 +695,11 @@ class UViTDecoder(nn.Module):
         # run the conv levels channels-last (oneDNN / cuDNN convolutions are about 2x faster so on the CPU).
         # False: the reference NCHW path.
         self.channels_last = True
+        # Lean inference (ResBlock.lean): without autograd (CPU, eager, channels-last, no autocast), the blocks
+        # on maps of at least `lean_min_pixels` pixels run in row stripes of `stripe_rows` rows, and an up conv
+        # feeding one is computed inside it; None: never.
+        self.lean_min_pixels: int | None = LEAN_MIN_PIXELS
+        self.stripe_rows = STRIPE_ROWS
 
     def _check(self, x_t, z, t, return_tokens_at):
         if x_t.ndim != 4 or x_t.shape[1] != self.image_channels:
@@ -533,6 +731,11 @@ class UViTDecoder(nn.Module):
         if return_tokens_at is not None and not 0 <= return_tokens_at < self.mid_depth:
             raise ValueError(f"return_tokens_at must be in [0, {self.mid_depth - 1}], got {return_tokens_at}")
 
+    # Noisy image and z (projected, nearest-upsampled) concatenated, then a 3x3 conv: (B, C0, H, W).
+    def _input_head(self, x_t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        z_img = F.interpolate(self.z_in(z), size=x_t.shape[-2:], mode="nearest")  # (B, C0/2, H, W)
+        return self.conv_in(torch.cat([self.x_in(x_t), z_img], dim=1))
+
     def forward(
         self,
         x_t: torch.Tensor,
@@ -549,15 +752,41 @@ class UViTDecoder(nn.Module):
             t = t.reshape(-1).expand(x_t.shape[0])  # (B,)
             ctx = ctx + self.time_mlp(_timestep_embedding(t, ctx.shape[1]).to(ctx.dtype))[:, :, None, None]
         ctx = F.silu(ctx)
-        z_img = F.interpolate(self.z_in(z), size=x_t.shape[-2:], mode="nearest")  # (B, C0/2, H, W)
-        h = self.conv_in(torch.cat([self.x_in(x_t), z_img], dim=1))  # (B, C0, H, W)
-        skips = [h]
+        h = self._input_head(x_t, z)  # (B, C0, H, W)
+        lean = (
+            x_t.device.type == "cpu"  # stripes are many small kernels: not measured on a GPU
+            and self.channels_last
+            and self.lean_min_pixels is not None
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled(x_t.device.type)
+        )
+
+        def large(m):  # whether the blocks on this map's grid run lean
+            return lean and m.shape[-2] * m.shape[-1] >= self.lean_min_pixels
+
+        # lean at half resolution too: the input head's output is computed again for the last block, not held
+        # through every level (at full resolution only, holding it is cheaper than the extra conv)
+        skips = [None if large(h[:, :, ::2, ::2]) else h]
         for block in self.enc.values():
-            h = block(h, ctx) if isinstance(block, ResBlock) else block(h)
+            if isinstance(block, ResBlock):
+                h = block.lean([h], ctx, self.stripe_rows) if large(h) else block(h, ctx)
+            else:
+                h = block(h)
             skips.append(h)
         h, tokens = self.mid(h, ctx, return_tokens_at)  # (B, D, H/8, W/8)
         for block in self.dec.values():
-            h = block(torch.cat([h, skips.pop()], dim=1), ctx) if isinstance(block, ResBlock) else block(h)
+            if isinstance(block, ResBlock) and (skips[-1] is None or large(skips[-1])):
+                skip = skips.pop()
+                parts, h = [h, self._input_head(x_t, z) if skip is None else skip], None
+                del skip  # the block empties `parts`: each map is freed once read
+                h = block.lean(parts, ctx, self.stripe_rows, reuse=parts[-1])
+            elif isinstance(block, ResBlock):
+                h = block(torch.cat([h, skips.pop()], dim=1), ctx)
+            elif large(skips[-1]):  # an up conv feeding a lean block: computed by that block, in stripes
+                h = _Upsampled(h, block)
+            else:
+                h = block(h)
         norm = self.out_norm
         h = _group_norm(h, norm.num_groups, norm.eps, norm.weight, norm.bias)
         pred = self.out_conv(F.silu(h)).contiguous()  # (B, 3, H, W), NCHW

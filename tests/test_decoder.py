@@ -409,3 +409,117 @@ def test_partly_frozen_decoder_trains_like_the_reference():
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, g in grads[0].items():
         _assert_same(grads[1][name], g, rel=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Lean inference path (ResBlock.lean: row stripes, the up conv in sub-pixel form inside the next block).
+
+
+def _reference_and_lean(min_pixels, stripe_rows, **overrides):
+    ref, lean = _reference_and_fast(5, **overrides)
+    lean.lean_min_pixels, lean.stripe_rows = min_pixels, stripe_rows
+    return ref, lean
+
+
+def _count_lean_calls(monkeypatch):
+    from dcssdae import decoder
+
+    calls, lean = [], decoder.ResBlock.lean
+    monkeypatch.setattr(decoder.ResBlock, "lean", lambda block, *a, **k: calls.append(1) or lean(block, *a, **k))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "side,width,f,batch,min_pixels,stripe_rows",
+    [
+        (64, 96, 8, 2, 1, 6),  # every level lean, non-square, stripes that do not divide the heights
+        (64, 64, 16, 1, 32 * 32, 5),  # levels 0 and 1 lean (the input head is recomputed), odd stripes
+        (64, 64, 32, 3, 64 * 64, 16),  # level 0 only (the input head is held), batch 3
+        (128, 64, 64, 1, 1, 7),
+        (128, 128, 128, 2, 32 * 32, 4),
+    ],
+)
+def test_lean_path_matches_reference(monkeypatch, side, width, f, batch, min_pixels, stripe_rows):
+    ref, lean = _reference_and_lean(min_pixels, stripe_rows, time_conditioned=True)
+    x_t, z = _inputs(batch, side, f, width=width)
+    t = torch.rand(batch)
+    inputs = (x_t.clone(), z.clone())
+    calls = _count_lean_calls(monkeypatch)
+    with torch.inference_mode():
+        expected, pred = ref(x_t, z, t), lean(x_t, z, t)
+    assert calls  # the lean path ran
+    _assert_same(pred, expected)
+    assert pred.is_contiguous()
+    assert torch.equal(x_t, inputs[0]) and torch.equal(z, inputs[1])  # the caller's inputs are never written
+
+
+def test_lean_path_only_without_autograd(monkeypatch):
+    ref, lean = _reference_and_lean(1, 4)
+    x_t, z = _inputs(1, 32, 8)
+    calls = _count_lean_calls(monkeypatch)
+    pred = lean(x_t, z)  # autograd on: the regular path
+    assert not calls and pred.requires_grad
+    lean.lean_min_pixels = None
+    with torch.no_grad():
+        lean(x_t, z)
+    assert not calls  # switched off
+    lean.lean_min_pixels = 1
+    with torch.no_grad():
+        _assert_same(lean(x_t, z), ref(x_t, z))
+    assert calls
+
+
+def test_lean_block_consumes_its_parts_and_reuses_the_given_map():
+    from dcssdae.decoder import ResBlock
+
+    torch.manual_seed(0)
+    block = _randomize_(ResBlock(24, 16, ctx_channels=8, groups=8), std=0.2).eval()
+    a, b = (torch.randn(2, c, 20, 12).contiguous(memory_format=torch.channels_last) for c in (8, 16))
+    ctx = torch.randn(2, 8, 5, 3).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = block(torch.cat([a, b], dim=1), ctx)  # groups of 3 channels straddle the two parts
+        parts = [a, b]
+        out = block.lean(parts, ctx, stripe_rows=3, reuse=b)
+    assert parts == [] and out.data_ptr() == b.data_ptr()
+    _assert_same(out, expected)
+
+
+@pytest.mark.parametrize("rows", [(0, 8), (0, 16), (3, 11), (1, 2), (15, 16), (7, 7 + 1)])
+def test_upsampled_rows_match_upsample_then_conv(rows):
+    """Sub-pixel form of nearest x2 + 3x3 conv: four 2x2 kernels on the low map, any rows of the output."""
+    from dcssdae.decoder import _Upsampled
+
+    torch.manual_seed(0)
+    up = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2.0), torch.nn.Conv2d(6, 5, 3, padding=1))
+    low = torch.randn(2, 6, 8, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        a, b = rows
+        _assert_same(_Upsampled(low, up).rows(a, b), up(low)[:, :, a:b])
+
+
+@pytest.mark.parametrize("chunk_tiles,grid", [(1, (19, 10)), (3, (20, 24)), (2, (9, 9))])
+def test_blocked_attention_in_chunks_matches_dense(monkeypatch, chunk_tiles, grid):
+    from dcssdae import decoder
+
+    monkeypatch.setattr(decoder, "CHUNK_TILES", chunk_tiles)
+    attn = _randomize_(WindowAttention(dim=16, heads=2, window=5, backend="sdpa"), std=0.5)
+    x = torch.randn(2, grid[0] * grid[1], 16, requires_grad=True)
+    results = []
+    for backend in ("sdpa", "blocked"):
+        attn.backend, attn.rel_bias.grad, x.grad = backend, None, None
+        out = attn(x, grid)
+        out.square().sum().backward()
+        results.append((out, x.grad, attn.rel_bias.grad))
+    for a, b in zip(*results, strict=True):
+        _assert_same(b, a)
+
+
+def test_feed_forward_in_chunks_without_autograd(monkeypatch):
+    from dcssdae import decoder
+
+    ff = _randomize_(decoder.GEGLU(16, mult=2), std=0.5)
+    x = torch.randn(2, 50, 16)
+    expected = ff(x)  # autograd on: one call
+    monkeypatch.setattr(decoder, "FF_CHUNK_TOKENS", 7)
+    with torch.no_grad():
+        _assert_same(ff(x), expected)
