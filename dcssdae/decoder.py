@@ -22,7 +22,7 @@ Differences from the published SSDD code, on purpose (see docs and the DC-SSDAE 
     outputs and the upsampled map are never stored (GroupNorm moments are summed over stripes, the up conv runs
     in sub-pixel form inside the next block), outputs overwrite skips that are no longer needed, and the input
     head is recomputed for the last block instead of held (when half resolution is lean too). S at 512 px: peak
-    working memory 644 -> 275 MiB (bench_networks.py, CPU); off under torch.compile.
+    working memory 644 -> 275 MiB (bench_networks.py, CPU); eager inside a compiled decoder too.
   * Window side 17 (offsets -8..+8) as the SSDD text says (the published code used 15).
   * Time conditioning is optional (`time_conditioned`): flow matching needs it, Equilibrium Matching has none
     and then no time module is built at all. The time embedding (sinusoidal of t*1000 -> MLP) is added to the
@@ -470,6 +470,15 @@ def _part_rows(part, a: int, b: int) -> torch.Tensor:
     return part[:, :, a:b] if isinstance(part, torch.Tensor) else part.rows(a, b)
 
 
+# A lean block call (parts[0] upsampled by `up` inside it, if given). Eager even in a compiled decoder: the row
+# stripes give the compiler nothing to fuse, and a traced copy would not free the parts as they are read.
+@torch.compiler.disable
+def _lean(block, parts: list, ctx: torch.Tensor, stripe_rows: int, up=None, reuse=None) -> torch.Tensor:
+    if up is not None:
+        parts[0] = _Upsampled(parts[0], up)
+    return block.lean(parts, ctx, stripe_rows, reuse=reuse)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Blocks.
 
@@ -758,7 +767,6 @@ class UViTDecoder(nn.Module):
             and self.channels_last
             and self.lean_min_pixels is not None
             and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled(x_t.device.type)
         )
 
@@ -770,21 +778,23 @@ class UViTDecoder(nn.Module):
         skips = [None if large(h[:, :, ::2, ::2]) else h]
         for block in self.enc.values():
             if isinstance(block, ResBlock):
-                h = block.lean([h], ctx, self.stripe_rows) if large(h) else block(h, ctx)
+                h = _lean(block, [h], ctx, self.stripe_rows) if large(h) else block(h, ctx)
             else:
                 h = block(h)
             skips.append(h)
         h, tokens = self.mid(h, ctx, return_tokens_at)  # (B, D, H/8, W/8)
+        up = None  # an up conv left for the next (lean) block to compute
         for block in self.dec.values():
             if isinstance(block, ResBlock) and (skips[-1] is None or large(skips[-1])):
                 skip = skips.pop()
                 parts, h = [h, self._input_head(x_t, z) if skip is None else skip], None
                 del skip  # the block empties `parts`: each map is freed once read
-                h = block.lean(parts, ctx, self.stripe_rows, reuse=parts[-1])
+                h = _lean(block, parts, ctx, self.stripe_rows, up=up, reuse=parts[-1])
+                up = None
             elif isinstance(block, ResBlock):
                 h = block(torch.cat([h, skips.pop()], dim=1), ctx)
             elif large(skips[-1]):  # an up conv feeding a lean block: computed by that block, in stripes
-                h = _Upsampled(h, block)
+                up = block  # h stays the low-resolution map
             else:
                 h = block(h)
         norm = self.out_norm

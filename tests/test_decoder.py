@@ -375,20 +375,25 @@ def test_state_dict_layout_is_unchanged(name, digest):
 
 
 @pytest.mark.slow  # torch.compile on the CPU: about a minute
-def test_compile_switch_keeps_weights_and_outputs():
+def test_compile_switch_keeps_weights_and_outputs(monkeypatch):
     """DCSSDAE.compile(): one call compiles encoder and decoder in place; same state-dict keys, same decode
-    (the compiled graph fuses the AdaGN modulation instead of running it in place), and it still trains."""
+    (the compiled graph fuses the AdaGN modulation instead of running it in place; the two large levels run the
+    lean blocks, eagerly, between compiled pieces), and it still trains."""
     from dcssdae.autoencoder import DCSSDAE
 
     torch.manual_seed(0)
     ae = _randomize_(DCSSDAE("tiny-f32c8", "tiny")).eval()
     z, noise = torch.randn(1, 8, 2, 2), torch.randn(1, 3, 64, 64)
+    ae.decoder.lean_min_pixels = None
     with torch.inference_mode():
         expected = ae.decode(z, noise=noise, steps=1)
+    ae.decoder.lean_min_pixels = 32 * 32  # levels 0 and 1 (64^2, 32^2) lean, the others compiled as usual
+    calls = _count_lean_calls(monkeypatch)
     keys = list(ae.state_dict())
     assert ae.compile() is ae and list(ae.state_dict()) == keys
     with torch.inference_mode():
         _assert_same(ae.decode(z, noise=noise, steps=1), expected)
+    assert calls  # the lean blocks ran inside the compiled decoder
     ae.decoder(noise, z).square().mean().backward()
     assert ae.decoder.out_conv.weight.grad.abs().sum() > 0
 
