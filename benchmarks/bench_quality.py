@@ -3,7 +3,8 @@ against decoder evaluations (NFE) for the samplers (issue 6).
 
 Two sub-commands, so that training can run where the GPU is and rFID where its Inception weights are:
 
-* `train`: trains the quick-start model (`configs/quickstart.yaml`, built through the `dcssdae` CLI machinery) twice
+* `train`: trains the quick-start model (`configs/cpu/bench_quality.yaml`: the quick-start with ST-LPIPS 0.5, built
+  through the `dcssdae` CLI machinery) twice
   from the same seed and the same data order, once per objective, for `--steps` optimiser steps each (same batch
   size, so the same images). The objective overlay (corruption + decoding sampler) is read from the write-up's
   experiment configs: `configs/experiments/dc_f32c32_eqm.yaml` (EquilibriumMatching, 8 steps of gradient descent)
@@ -534,7 +535,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train = commands.add_parser("train", help="train EqM and FM at an equal budget, keep EMA snapshots",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--config", action="append", default=None,
-                       help="dcssdae config(s), in order (repeat to compose); default configs/quickstart.yaml")
+                       help="dcssdae config(s), in order (repeat to compose); default configs/cpu/bench_quality.yaml")
     train.add_argument("--objectives", nargs="+", choices=list(OBJECTIVES), default=list(OBJECTIVES))
     train.add_argument("--steps", type=int, default=500, help="optimiser steps per objective (the budget)")
     train.add_argument("--evals", type=int, default=4, help="snapshots at steps N/K, 2N/K, ..., N")
@@ -566,7 +567,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluate.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if args.command == "train" and args.config is None:
-        args.config = [str(ROOT / "configs" / "quickstart.yaml")]
+        args.config = [str(ROOT / "configs" / "cpu" / "bench_quality.yaml")]
     return args
 
 
