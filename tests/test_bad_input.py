@@ -119,6 +119,7 @@ def test_numerical_blow_up_stops_naming_the_terms_and_step(fit_args, capsys):
     # lr 1e30: the first step sends the weights far out, every later loss is NaN. Each such step is skipped; the
     # third in a row stops the run. The weights in the checkpoint stay finite.
     err = fails_with(capsys, fit_args("blowup", "--model.init_args.lr", "1e30", "--model.init_args.warmup_steps", "0",
+                                      "--model.init_args.loss_weights", "{eqm: 1.0, stlpips: 0.5, kl: 1.0e-6}",
                                       "--trainer.max_steps", "20", "--guard.max_consecutive", "3"),
                      "training stopped at step 3", "3 steps in a row had non-finite loss term(s) eqm=nan")
     assert "stlpips=nan" in err
