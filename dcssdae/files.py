@@ -72,19 +72,27 @@ def atomic_folder(out: str | os.PathLike):
             shutil.rmtree(tmp)
 
 
-def write_json(metrics: dict, path: str | os.PathLike) -> Path:
-    """Write `metrics` (any JSON tree) to `path` as JSON, atomically; nan and inf become null at any depth."""
-    clean = finite_or_none(metrics)
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb"):
+    """Open a temporary file beside `path` for writing (`mode` "wb" or "w") and yield it; on success it takes `path`'s
+    place, with the permissions the umask gives; on error it is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(clean, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.chmod(tmp, umask_mode())
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.chmod(tmp, umask_mode())  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return path
+
+
+def write_json(metrics: dict, path: str | os.PathLike) -> Path:
+    """Write `metrics` (any JSON tree) to `path` as JSON, atomically; nan and inf become null at any depth."""
+    clean = finite_or_none(metrics)
+    with atomic_file(path, "w") as f:
+        json.dump(clean, f, indent=2, allow_nan=False)
+        f.write("\n")
+    return Path(path)

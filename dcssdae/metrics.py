@@ -47,7 +47,7 @@ from torchmetrics import Metric
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.utilities import rank_zero_warn
 
-from dcssdae.files import umask_mode
+from dcssdae.files import atomic_file
 
 LPIPS_VARIANTS = ("lpips", "stlpips", "stlpips_alex", "stlpips_vgg", "lpips_random", None)
 FID_RELIABLE_NUM_IMAGES = 10_000
@@ -146,16 +146,8 @@ def convert_fid_helper_inception(torchscript_path: str | os.PathLike, out_path: 
         if key not in converted:
             converted[key] = torch.full_like(value, float("nan")) if key.startswith("fc.") else value.clone()
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=out_path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(converted, tmp)
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(out_path) as f:
+        torch.save(converted, f)
     return out_path
 
 

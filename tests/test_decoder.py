@@ -338,6 +338,10 @@ def test_fast_path_matches_reference_in_train_with_gradients():
 
 @pytest.mark.parametrize("window,grid", [(5, (6, 7)), (17, (4, 5)), (3, (3, 3)), (17, (19, 10)), (1, (2, 3))])
 def test_blocked_attention_matches_dense_with_gradients(window, grid):
+    _assert_blocked_matches_dense(window, grid)
+
+
+def _assert_blocked_matches_dense(window, grid):  # values and gradients (input and bias table)
     attn = _randomize_(WindowAttention(dim=16, heads=2, window=window, backend="sdpa"), std=0.5)
     x = torch.randn(2, grid[0] * grid[1], 16, requires_grad=True)
     results = []
@@ -507,16 +511,7 @@ def test_blocked_attention_in_chunks_matches_dense(monkeypatch, chunk_tiles, gri
     from dcssdae import decoder
 
     monkeypatch.setattr(decoder, "CHUNK_TILES", chunk_tiles)
-    attn = _randomize_(WindowAttention(dim=16, heads=2, window=5, backend="sdpa"), std=0.5)
-    x = torch.randn(2, grid[0] * grid[1], 16, requires_grad=True)
-    results = []
-    for backend in ("sdpa", "blocked"):
-        attn.backend, attn.rel_bias.grad, x.grad = backend, None, None
-        out = attn(x, grid)
-        out.square().sum().backward()
-        results.append((out, x.grad, attn.rel_bias.grad))
-    for a, b in zip(*results, strict=True):
-        _assert_same(b, a)
+    _assert_blocked_matches_dense(5, grid)
 
 
 def test_feed_forward_in_chunks_without_autograd(monkeypatch):
