@@ -10,7 +10,7 @@ PHASE3_CKPT ?= $(RUNS)/phase3/checkpoints/last.ckpt
 .PHONY: install test test-fast bench bench-quality quickstart cpu-recipe distill lint clean
 
 install:
-	python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]'
+	python3 -m venv .venv && .venv/bin/pip install -q --no-cache-dir -e '.[dev]'
 
 # One BLAS/OpenMP thread per test process: the suite's tensors are tiny and several tests start subprocesses
 # (DDP, CLI); two threads each oversubscribe 2 cores.

@@ -136,23 +136,31 @@ def _modulate_tokens(
     return torch.addcmul(shift[:, :, None, :, None], x, 1 + scale[:, :, None, :, None]).view(B, N, D)
 
 
+# Small integer / boolean index tensors that depend on the token grid only (never on parameter values) are built
+# once per grid and device and cached; under torch.compile they are traced into the graph instead (constants
+# there). They are built outside inference mode: a tensor first built under torch.inference_mode (validation)
+# could not be saved for backward by a later training step.
+def _grid_index_cache(build):
+    @functools.lru_cache(maxsize=32)
+    def cached(*args):
+        with torch.inference_mode(False):
+            return build(*args)
+
+    @functools.wraps(build)
+    def index(*args):
+        return build(*args) if torch.compiler.is_compiling() else cached(*args)
+
+    index.cache_clear = cached.cache_clear
+    return index
+
+
 # Index of the relative offset (key - query) along one axis of length n into a window table padded by one
 # entry on each side: offsets -r..r map to 1..2r+1, every offset outside the window maps to the border (0 or
-# 2r+2). Only these small integer tensors are cached (keyed by size), never parameter values; under
-# torch.compile the index is traced into the graph instead (a constant there). Cached tensors are built outside
-# inference mode: one first built under torch.inference_mode (validation) could not be saved for backward later.
+# 2r+2).
+@_grid_index_cache
 def _offset_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
-    if not torch.compiler.is_compiling():
-        return _cached_offset_index(n, radius, device)
     pos = torch.arange(n, device=device)
     return (pos[None, :] - pos[:, None] + radius + 1).clamp(0, 2 * radius + 2)  # (n, n)
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_offset_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
-    with torch.inference_mode(False):
-        pos = torch.arange(n, device=device)
-        return (pos[None, :] - pos[:, None] + radius + 1).clamp(0, 2 * radius + 2)
 
 
 # FlexAttention block mask of the window |dy| <= r and |dx| <= r (depends on the grid only, cached; built
@@ -166,23 +174,17 @@ def _window_block_mask(Hg: int, Wg: int, radius: int, device: torch.device):
         dy, dx = kv_idx // Wg - q_idx // Wg, kv_idx % Wg - q_idx % Wg
         return (dy.abs() <= radius) & (dx.abs() <= radius)
 
-    with torch.inference_mode(False):  # cached: see _cached_offset_index
+    with torch.inference_mode(False):  # cached: see _grid_index_cache
         return create_block_mask(in_window, B=None, H=None, Q_LEN=Hg * Wg, KV_LEN=Hg * Wg, device=device)
 
 
 # Tiling of the token grid for the blocked window attention: query tiles of t x t tokens, each attending to
-# the (t + 2r) x (t + 2r) keys around it (a halo of r per side). Returns (integers and booleans only, never
-# parameter values; cached per grid like _offset_index):
+# the (t + 2r) x (t + 2r) keys around it (a halo of r per side). Returns:
 #   offset (t^2, K^2): index of each (query, key) pair of a tile into the window table padded by one -inf entry
 #       per side (flattened, side 2r + 3); pairs outside the window index the border. The same for every tile.
 #   valid (T, K^2): whether each key of each tile lies on the grid (keys in the halo past the edge are padding).
+@_grid_index_cache
 def _window_tiles(Hg: int, Wg: int, radius: int, tile: int, device: torch.device):
-    if not torch.compiler.is_compiling():
-        return _cached_window_tiles(Hg, Wg, radius, tile, device)
-    return _build_window_tiles(Hg, Wg, radius, tile, device)
-
-
-def _build_window_tiles(Hg: int, Wg: int, radius: int, tile: int, device: torch.device):
     r, t, Ks, side = radius, tile, tile + 2 * radius, 2 * radius + 3
     d = torch.arange(Ks, device=device)[None, :] - r - torch.arange(t, device=device)[:, None]  # (t, Ks)
     axis = torch.where(d.abs() <= r, d + r + 1, 0)  # index along one padded-table axis; 0: the border
@@ -195,12 +197,6 @@ def _build_window_tiles(Hg: int, Wg: int, radius: int, tile: int, device: torch.
 
     vy, vx = on_grid(Hg), on_grid(Wg)
     return offset, (vy[:, None, :, None] & vx[None, :, None, :]).reshape(-1, Ks * Ks)
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_window_tiles(Hg: int, Wg: int, radius: int, tile: int, device: torch.device):
-    with torch.inference_mode(False):
-        return _build_window_tiles(Hg, Wg, radius, tile, device)
 
 
 @functools.lru_cache(maxsize=1)

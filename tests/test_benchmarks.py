@@ -132,8 +132,8 @@ def test_decoder_trains_after_an_inference_mode_call_at_the_same_size():
     from dcssdae import decoder as decoder_module
 
     for backend in ("sdpa", "blocked"):
-        decoder_module._cached_offset_index.cache_clear()
-        decoder_module._cached_window_tiles.cache_clear()
+        decoder_module._offset_index.cache_clear()
+        decoder_module._window_tiles.cache_clear()
         net = decoder_module.build_decoder("tiny", 8, attention_backend=backend)
         x, z = torch.randn(1, 3, 64, 64), torch.randn(1, 8, 2, 2)
         with torch.inference_mode():
