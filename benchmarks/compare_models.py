@@ -6,10 +6,10 @@
         --val-shards default --size 256 --out docs/cpu_recipe
 
 Each `--model LABEL=PATH[@STEPS]` is a `.ckpt` from `dcssdae fit` (its EMA weights) or an export folder, decoded with
-its configured sampler (`@STEPS` replaces the number of steps; `@1` is the one-step decoder). Every model sees the
-same images and the same decoder noise (fixed seed). The baseline is bicubic resampling at the first model's latent
-budget (`dcssdae.baselines`). Writes OUT.json (every metric, per model), OUT.md (a Markdown table) and OUT.png
-(rows: images; columns: input, each model, bicubic).
+its configured sampler (`@STEPS` replaces the number of steps; `@1` is the one-step decoder; `@8,power=3` also
+replaces sampler settings). Every model sees the same images and the same decoder noise (fixed seed). The
+baseline is bicubic resampling at the first model's latent budget (`dcssdae.baselines`). Writes OUT.json (every
+metric, per model), OUT.md (a Markdown table) and OUT.png (rows: images; columns: input, each model, bicubic).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 from dcssdae.autoencoder import DCSSDAE
@@ -35,16 +36,24 @@ COLUMNS = [("num_images", "images", "{:d}"), ("nfe", "NFE", "{:.0f}"), ("psnr", 
            ("rfid", "rFID (relative)", "{:.1f}")]
 
 
-def parse_model(spec: str) -> tuple[str, str, int | None]:
-    """"LABEL=PATH[@STEPS]" -> (label, path, steps or None)."""
+def parse_model(spec: str) -> tuple[str, str, int | None, dict]:
+    """"LABEL=PATH[@STEPS[,KEY=VALUE...]]" -> (label, path, steps or None, sampler settings), e.g.
+    "teacher=runs/cpu/phase3/checkpoints/last.ckpt@8,power=3" (values read as YAML scalars)."""
     if "=" not in spec:
-        raise argparse.ArgumentTypeError(f"--model wants LABEL=PATH[@STEPS], got {spec!r}")
+        raise argparse.ArgumentTypeError(f"--model wants LABEL=PATH[@STEPS[,KEY=VALUE...]], got {spec!r}")
     label, path = spec.split("=", 1)
-    steps = None
+    steps, settings = None, {}
     if "@" in path:
         path, text = path.rsplit("@", 1)
-        steps = int(text)
-    return label.strip(), path.strip(), steps
+        text, *pairs = text.split(",")
+        try:
+            steps = int(text)
+            for pair in pairs:
+                key, value = pair.split("=", 1)
+                settings[key.strip()] = yaml.safe_load(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"--model {spec!r}: after '@' put STEPS[,KEY=VALUE...] ({error})")
+    return label.strip(), path.strip(), steps, settings
 
 
 def markdown(results: dict[str, dict]) -> str:
@@ -58,7 +67,8 @@ def markdown(results: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", action="append", type=parse_model, required=True, help="LABEL=PATH[@STEPS]")
+    parser.add_argument("--model", action="append", type=parse_model, required=True,
+                        help="LABEL=PATH[@STEPS[,KEY=VALUE...]]")
     parser.add_argument("--val-shards", default="default", help="shards to score (default: the held-out photos; "
                         "'default:crops' = 216 views of them)")
     parser.add_argument("--size", type=int, default=256, help="image side (short side resized, centre crop)")
@@ -71,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output prefix: writes OUT.json, OUT.md, OUT.png")
     args = parser.parse_args(argv)
 
-    models = [(label, DCSSDAE.from_pretrained(path).eval(), steps, path) for label, path, steps in args.model]
+    models = [(label, DCSSDAE.from_pretrained(path).eval(), steps, path, settings)
+              for label, path, steps, settings in args.model]
     first = models[0][1]
     dm = ImageNetDataModule(val_shards=args.val_shards, train_shards="default", image_size=args.size,
                             val_batch_size=args.batch, num_workers=0)
@@ -91,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             generator = torch.Generator().manual_seed(args.seed + batch_idx)
             noise = torch.randn(x.shape, generator=generator)
             outputs = {}
-            for label, ae, steps, _ in models:
+            for label, ae, steps, _, settings in models:
                 start = time.perf_counter()
-                x_hat, nfe = ae.decode(ae.encode(x), noise=noise, steps=steps, return_nfe=True)
+                x_hat, nfe = ae.decode(ae.encode(x), noise=noise, steps=steps, return_nfe=True, **settings)
                 seconds[label] += time.perf_counter() - start
                 outputs[label] = x_hat.clamp(-1, 1)
                 metrics[label].update(outputs[label], x, nfe)
@@ -105,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{seen} images", flush=True)
 
     results = {label: m.compute() for label, m in metrics.items()}
-    for label, _, steps, path in models:
-        results[label].update(source=path, steps=steps, seconds_per_image=seconds[label] / max(seen, 1))
+    for label, _, steps, path, settings in models:
+        results[label].update(source=path, steps=steps, sampler_settings=settings, seconds_per_image=seconds[label] / max(seen, 1))
     out = Path(args.out)
     write_json({"val_shards": args.val_shards, "size": args.size, "seed": args.seed, "models": results},
                out.with_suffix(".json"))
