@@ -82,6 +82,7 @@ class EquilibriumMatching:
         a: float = 0.8,
         b: float = 1.4,
         parameterization: Literal["denoiser", "field"] = "denoiser",
+        noise_power: float = 1.0,
     ):
         """
         Args:
@@ -96,6 +97,10 @@ class EquilibriumMatching:
             parameterization: what the network outputs. `denoiser`: an image D, and the field is
                 f = c(0) * (x_gamma - D) (exact for the linear decay: D is then x0_hat). `field`: f itself (the EqM
                 paper; the behaviour of configs saved before this option, which `build_corruption` keeps).
+            noise_power: training noise levels: the noise fraction 1 - gamma = u^p with u ~ U[0, 1). 1 is the EqM
+                paper's gamma ~ U[0, 1); p > 1 draws more levels near the data (P(1 - gamma < 0.1) = 0.1^(1/p)),
+                where a time-free denoiser must tell residual noise from texture and where the last steps of a
+                sampling schedule evaluate it (`dcssdae.sampling`, schedule "noise").
         """
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown EqM parameterization {parameterization!r}; known: "
@@ -109,16 +114,21 @@ class EquilibriumMatching:
             raise ValueError(f"EqM decay start a must lie in (0, 1), got {a}")
         if not b > 0:
             raise ValueError(f"EqM piecewise value b must be > 0, got {b}")
+        if not noise_power > 0:
+            raise ValueError(f"EqM noise_power must be > 0, got {noise_power}")
         self.decay, self.multiplier, self.a, self.b = decay, multiplier, float(a), float(b)
+        self.noise_power = float(noise_power)
         self.parameterization = parameterization
 
     def __repr__(self) -> str:
         return (f"EquilibriumMatching(decay={self.decay!r}, multiplier={self.multiplier}, a={self.a}, b={self.b}, "
-                f"parameterization={self.parameterization!r})")
+                f"parameterization={self.parameterization!r}, noise_power={self.noise_power})")
 
     def sample_level(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """gamma ~ U[0, 1), one per sample: shape (B,), float32."""
-        return torch.rand(x.shape[0], generator=generator, device=x.device)
+        """gamma = 1 - u^noise_power, u ~ U[0, 1) (gamma ~ U[0, 1) itself for the default power 1), one per sample:
+        shape (B,), float32."""
+        u = torch.rand(x.shape[0], generator=generator, device=x.device)
+        return u if self.noise_power == 1.0 else 1 - u.pow(self.noise_power)
 
     def c(self, gamma: torch.Tensor | float) -> torch.Tensor:
         """The decay c(gamma) >= 0, with c(1) = 0."""

@@ -75,6 +75,7 @@ class DCSSDAESystem(pl.LightningModule):
         warmup_steps: int = 0,
         lr_schedule: Literal["constant", "cosine"] = "constant",
         val_steps: int | None = None,
+        val_extra_steps: list[int] | None = None,
         val_rfid: bool = True,
         val_lpips: str | list[str] | None = "lpips",
         val_baseline: Literal["bicubic"] | None = "bicubic",
@@ -115,6 +116,9 @@ class DCSSDAESystem(pl.LightningModule):
             lr_schedule: after the warm-up, "constant" or "cosine" (half a cosine from lr to 0 at trainer.max_steps;
                 for short runs such as the quick-start). AdamW only.
             val_steps: sampler steps for validation (None: the sampler's; 1: the one-step decoder).
+            val_extra_steps: step counts also scored at every validation, from the same latents and noise, printed
+                and logged beside the model (`val_<n>step/*`), e.g. [1]: the one-step decoder (the posterior mean
+                of an undistilled EqM model) next to the sampling default.
             val_rfid: compute rFID at validation (TF-Inception; meaningful on >= 10k images).
             val_lpips: perceptual metric(s) at validation: "lpips", "stlpips_alex" (or "stlpips"), "stlpips_vgg", a
                 list of them (both ST-LPIPS variants also report `stlpips`, their mean), or None.
@@ -144,6 +148,10 @@ class DCSSDAESystem(pl.LightningModule):
         self.optimizer_name, self.lr, self.weight_decay, self.betas = optimizer, lr, weight_decay, tuple(betas)
         self.warmup_steps, self.lr_schedule = warmup_steps, lr_schedule
         self.val_steps, self.val_seed = val_steps, val_seed
+        extra = list(val_extra_steps or [])
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in extra):
+            raise ValueError(f"val_extra_steps must be step counts >= 1, got {extra}")
+        self.val_extra_steps = sorted(set(extra))
         self.predict_dir = predict_dir
 
         # Auxiliary losses: built only when weighted (no VGG / DINOv2 load otherwise).
@@ -157,6 +165,8 @@ class DCSSDAESystem(pl.LightningModule):
         self.val_baseline = val_baseline
         self.baseline_metrics = ReconstructionMetrics(rfid=val_rfid, lpips_variant=val_lpips) if val_baseline else None
         self.baseline_result: dict | None = None  # the baseline's metrics, once measured (the same every time)
+        self.extra_metrics = nn.ModuleDict({str(n): ReconstructionMetrics(rfid=val_rfid, lpips_variant=val_lpips)
+                                            for n in self.val_extra_steps})
 
         self.freeze_except(self.trainable)
 
@@ -211,7 +221,7 @@ class DCSSDAESystem(pl.LightningModule):
                 if loss is not None:
                     loss.load()
         if stage in ("fit", "validate", "test"):
-            for metrics in (self.val_metrics, self.baseline_metrics):
+            for metrics in (self.val_metrics, self.baseline_metrics, *self.extra_metrics.values()):
                 if metrics is not None:
                     metrics.load()
 
@@ -294,17 +304,22 @@ class DCSSDAESystem(pl.LightningModule):
     def val_sampler(self) -> dict[str, Any]:
         return self.ae.sampler_settings(steps=self.val_steps)
 
-    def reconstruct(self, x: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_hat in [-1, 1], nfe) from noise seeded by (val_seed, batch, rank): the same images every time."""
+    def reconstruct(self, x: torch.Tensor, batch_idx: int, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_hat in [-1, 1], nfe) from noise seeded by (val_seed, batch, rank): the same images every time. `steps`
+        replaces the validation sampler's step count."""
         seed = self.val_seed + batch_idx * self.trainer.world_size + self.global_rank
         noise = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(seed), device=x.device)
-        x_hat, nfe = self.ae.decode(self.ae.encode(x), noise=noise.to(x.dtype), return_nfe=True, **self.val_sampler())
+        sampler = self.val_sampler() if steps is None else self.ae.sampler_settings(steps=steps)
+        x_hat, nfe = self.ae.decode(self.ae.encode(x), noise=noise.to(x.dtype), return_nfe=True, **sampler)
         return x_hat.float().clamp(-1, 1), nfe
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         x = batch["image"]
         x_hat, nfe = self.reconstruct(x, batch_idx)
         self.val_metrics.update(x_hat, x, nfe)
+        for steps, metrics in self.extra_metrics.items():
+            x_extra, nfe_extra = self.reconstruct(x, batch_idx, int(steps))
+            metrics.update(x_extra, x, nfe_extra)
         if self.baseline_metrics is not None and not (self._baseline_reusable() and self.baseline_result is not None):
             encoder = self.ae.encoder
             x_base = baseline(self.val_baseline, x, encoder.latent_channels, encoder.downsample_factor)
@@ -349,6 +364,11 @@ class DCSSDAESystem(pl.LightningModule):
         # identical on every rank already; sync_dist only keeps Lightning's DDP bookkeeping happy
         self.log_dict({f"{stage}/{k}": float(v) for k, v in metrics.items()}, sync_dist=True)
         others = {}
+        for steps, extra in self.extra_metrics.items():
+            label = f"{steps} step" + ("s" if steps != "1" else "")
+            others[label] = extra.compute()
+            extra.reset()
+            self.log_dict({f"{stage}_{steps}step/{k}": float(v) for k, v in others[label].items()}, sync_dist=True)
         if self.baseline_metrics is not None:
             reusable = self._baseline_reusable()
             result = self.baseline_result if reusable else None
@@ -357,10 +377,10 @@ class DCSSDAESystem(pl.LightningModule):
                 self.baseline_metrics.reset()
                 if reusable:
                     self.baseline_result = result
-            others = {self.val_baseline: result}
+            others[self.val_baseline] = result
             self.log_dict({f"{stage}_{self.val_baseline}/{k}": float(v) for k, v in result.items()}, sync_dist=True)
-            if self.trainer.is_global_zero and self.trainer.state.fn.value == "fit":
-                print(f"\n{stage} at step {self.global_step}:\n" + format_table(metrics, others))
+        if others and self.trainer.is_global_zero and self.trainer.state.fn.value == "fit":
+            print(f"\n{stage} at step {self.global_step}:\n" + format_table(metrics, others))
         command = self.trainer.state.fn.value  # "fit", "validate", "test"
         if command in ("validate", "test"):
             log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks

@@ -52,6 +52,8 @@ def test_quickstart_fit_writes_checkpoint_and_reconstructions_then_validate_repo
     # the bicubic baseline at the latent's budget, scored on the same images, beside the model
     bicubic = metrics["bicubic"]
     assert bicubic["num_images"] == 6 and "nfe" not in bicubic and 10 < bicubic["psnr"] < 60
+    # and the one-step decoder (quickstart.yaml's val_extra_steps), from the same latents and noise
+    assert metrics["1 step"]["num_images"] == 6 and metrics["1 step"]["nfe"] == 1.0
 
 
 def test_ckpt_path_keeps_the_evaluation_settings_of_the_command_line(tiny_cli, quickstart_ckpt):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dcssdae.autoencoder import build_corruption, corruption_config
 from dcssdae.corruption import EquilibriumMatching, FlowMatching
 
 DECAYS = ["linear", "truncated", "piecewise"]
@@ -115,6 +116,21 @@ def test_eqm_level_is_uniform_and_time_free():
     assert gamma.mean().item() == pytest.approx(0.5, abs=0.01)
     torch.testing.assert_close(gamma, eqm.sample_level(x, torch.Generator().manual_seed(0)))
     assert not eqm.time_conditioned and eqm.decoder_time(gamma) is None
+
+
+def test_eqm_noise_power_draws_levels_near_the_data():
+    """1 - gamma = u^p: P(1 - gamma < 0.1) = 0.1^(1/p), E[1 - gamma] = 1 / (p + 1); the power is kept in the config."""
+    x = torch.zeros(40000, 1)
+    for p in (2.0, 3.0):
+        eqm = EquilibriumMatching(noise_power=p)
+        gamma = eqm.sample_level(x, torch.Generator().manual_seed(0))
+        assert ((gamma > 0) & (gamma <= 1)).all()
+        assert (1 - gamma < 0.1).float().mean().item() == pytest.approx(0.1 ** (1 / p), abs=0.01)
+        assert (1 - gamma).mean().item() == pytest.approx(1 / (p + 1), abs=0.01)
+        assert corruption_config(eqm)["init_args"]["noise_power"] == p
+        assert build_corruption(corruption_config(eqm)).noise_power == p
+    with pytest.raises(ValueError, match="noise_power must be > 0"):
+        EquilibriumMatching(noise_power=0.0)
 
 
 def test_loss_is_per_sample_mse():

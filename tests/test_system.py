@@ -383,3 +383,23 @@ def test_weights_of_another_corruption_warn_for_init_from_and_stop_a_resume(tmp_
         model.load_init_weights(str(path))
     with pytest.raises(ValueError, match="set model.corruption to match"):
         model.on_load_checkpoint(torch.load(path, weights_only=True))
+
+
+def test_extra_step_counts_are_scored_beside_the_model_from_the_same_noise(tmp_path):
+    tiny = {**TINY, "val_steps": 2, "loss_weights": LossWeights(stlpips=0.0, repa=0.0)}
+    model = DCSSDAESystem(**tiny, val_extra_steps=[1])
+    torch.nn.init.normal_(model.ae.decoder.out_conv.weight, std=0.1)  # zero at init: every step count would agree
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    result = trainer.validate(model, loader(2), verbose=False)[0]
+    assert result["val/nfe"] == 2 and result["val_1step/nfe"] == 1
+    assert result["val_1step/psnr"] != pytest.approx(result["val/psnr"], abs=1e-6)
+    report = yaml.safe_load((tmp_path / "validate_metrics.json").read_text())  # JSON is YAML
+    assert report["1 step"]["nfe"] == 1 and report["1 step"]["psnr"] == pytest.approx(result["val_1step/psnr"])
+    # the same images as a model validated with one step itself, and no checkpoint keys of its own
+    plain = DCSSDAESystem(**{**tiny, "val_steps": 1})
+    plain.load_state_dict(model.state_dict())
+    alone = trainer.validate(plain, loader(2), verbose=False)[0]
+    assert alone["val/psnr"] == pytest.approx(result["val_1step/psnr"])
+    with pytest.raises(ValueError, match="val_extra_steps"):
+        DCSSDAESystem(**tiny, val_extra_steps=[0])
