@@ -304,7 +304,8 @@ class DCSSDAESystem(pl.LightningModule):
     def val_sampler(self) -> dict[str, Any]:
         return self.ae.sampler_settings(steps=self.val_steps)
 
-    def reconstruct(self, x: torch.Tensor, batch_idx: int, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruct(self, x: torch.Tensor, batch_idx: int,
+                    steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_hat in [-1, 1], nfe) from noise seeded by (val_seed, batch, rank): the same images every time. `steps`
         replaces the validation sampler's step count."""
         seed = self.val_seed + batch_idx * self.trainer.world_size + self.global_rank
