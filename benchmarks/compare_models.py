@@ -6,8 +6,8 @@
         --val-shards default --size 256 --out docs/cpu_recipe
 
 Each `--model LABEL=PATH[@STEPS]` is a `.ckpt` from `dcssdae fit` (its EMA weights) or an export folder, decoded with
-its configured sampler (`@STEPS` replaces the number of steps; `@1` is the one-step decoder; `@8,power=3` also
-replaces sampler settings). Every model sees the same images and the same decoder noise (fixed seed). The
+its configured sampler (`@STEPS` replaces the number of steps; `@1` alone is the one-step decoder; `@8,power=3`
+also replaces sampler settings). Every model sees the same images and the same decoder noise (fixed seed). The
 baseline is bicubic resampling at the first model's latent budget (`dcssdae.baselines`). Writes OUT.json (every
 metric, per model), OUT.md (a Markdown table) and OUT.png (rows: images; columns: input, each model, bicubic).
 """
@@ -49,9 +49,11 @@ def parse_model(spec: str) -> tuple[str, str, int | None, dict]:
         try:
             steps = int(text)
             for pair in pairs:
-                key, value = pair.split("=", 1)
-                settings[key.strip()] = yaml.safe_load(value)
-        except ValueError as error:
+                key, value = (part.strip() for part in pair.split("=", 1))
+                settings[key] = yaml.safe_load(value)
+                if not key or settings[key] is None:
+                    raise ValueError(f"{pair!r} needs a name and a value")
+        except (ValueError, yaml.YAMLError) as error:
             raise argparse.ArgumentTypeError(f"--model {spec!r}: after '@' put STEPS[,KEY=VALUE...] ({error})")
     return label.strip(), path.strip(), steps, settings
 
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
     models = [(label, DCSSDAE.from_pretrained(path).eval(), steps, path, settings)
               for label, path, steps, settings in args.model]
+    for label, ae, steps, _, settings in models:  # an unknown setting fails here, before any image is decoded
+        ae.sampler_settings(steps, **settings)
     first = models[0][1]
     dm = ImageNetDataModule(val_shards=args.val_shards, train_shards="default", image_size=args.size,
                             val_batch_size=args.batch, num_workers=0)

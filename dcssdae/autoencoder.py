@@ -57,6 +57,14 @@ def corruption_config(corruption: Corruption) -> dict[str, Any]:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": {n: getattr(corruption, n) for n in names}}
 
 
+def network_corruption_config(corruption: Corruption) -> dict[str, Any]:
+    """`corruption_config` without the settings that only choose training levels (`training_only`, e.g. EqM's
+    noise_power): two corruptions with the same result make the decoder's output mean the same thing."""
+    config = corruption_config(corruption)
+    drop = getattr(type(corruption), "training_only", ())
+    return {**config, "init_args": {k: v for k, v in config["init_args"].items() if k not in drop}}
+
+
 def build_corruption(config: Corruption | dict[str, Any] | None) -> Corruption:
     """A corruption object from itself, a {"class_path", "init_args"} dict, or None (EqM, linear decay).
 

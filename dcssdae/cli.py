@@ -182,10 +182,10 @@ def _normal(name: str, value):
     value = namespace_dict(value)
     if name in ("encoder_overrides", "decoder_overrides"):
         value = value or {}
-    elif name == "corruption":
-        from dcssdae.autoencoder import build_corruption, corruption_config
+    elif name == "corruption":  # what the network's output means; the training levels may change
+        from dcssdae.autoencoder import build_corruption, network_corruption_config
 
-        value = corruption_config(build_corruption(value))
+        value = network_corruption_config(build_corruption(value))
     elif name == "loss_weights":
         from dcssdae.losses import LossWeights
 

@@ -74,6 +74,7 @@ class EquilibriumMatching:
 
     name = "eqm"
     time_conditioned = False
+    training_only = ("noise_power",)  # settings that only choose training levels: the network means the same
 
     def __init__(
         self,
@@ -197,6 +198,7 @@ class FlowMatching:
 
     name = "fm"
     time_conditioned = True
+    training_only = ("logit_mean", "logit_std")  # settings that only choose training levels
 
     def __init__(self, logit_mean: float = 0.0, logit_std: float = 1.0):
         """

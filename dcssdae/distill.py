@@ -50,6 +50,9 @@ class DistillSystem(DCSSDAESystem):
         # The student is a one-step decoder: its own sampler (kept in its checkpoints and exports) is the single step;
         # the teacher keeps the configured multi-step sampler.
         self.ae.sampler = self.ae.one_step_sampler()
+        if any(n != 1 for n in self.val_extra_steps):
+            raise ValueError(f"the student decodes in one step: val_extra_steps may hold only 1, got "
+                             f"{self.val_extra_steps}")
 
     def setup(self, stage: str) -> None:
         new_run = stage == "fit" and self.trainer.ckpt_path is None  # (a resumed run: see on_load_checkpoint)

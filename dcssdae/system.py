@@ -35,7 +35,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from dcssdae.autoencoder import DCSSDAE, build_corruption, corruption_config, load_weights
+from dcssdae.autoencoder import (
+    DCSSDAE,
+    build_corruption,
+    corruption_config,
+    load_weights,
+    network_corruption_config,
+)
 from dcssdae.baselines import baseline
 from dcssdae.corruption import EquilibriumMatching, FlowMatching
 from dcssdae.files import write_json
@@ -118,7 +124,8 @@ class DCSSDAESystem(pl.LightningModule):
             val_steps: sampler steps for validation (None: the sampler's; 1: the one-step decoder).
             val_extra_steps: step counts also scored at every validation, from the same latents and noise, printed
                 and logged beside the model (`val_<n>step/*`), e.g. [1]: the one-step decoder (the posterior mean
-                of an undistilled EqM model) next to the sampling default.
+                of an undistilled EqM model) next to the sampling default. `[]` turns them off (with --ckpt_path,
+                None keeps the checkpoint's).
             val_rfid: compute rFID at validation (TF-Inception; meaningful on >= 10k images).
             val_lpips: perceptual metric(s) at validation: "lpips", "stlpips_alex" (or "stlpips"), "stlpips_vgg", a
                 list of them (both ST-LPIPS variants also report `stlpips`, their mean), or None.
@@ -152,6 +159,8 @@ class DCSSDAESystem(pl.LightningModule):
         if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in extra):
             raise ValueError(f"val_extra_steps must be step counts >= 1, got {extra}")
         self.val_extra_steps = sorted(set(extra))
+        for steps in self.val_extra_steps:
+            self.ae.sampler_settings(steps=steps)  # a count the sampler cannot take raises here, not later
         self.predict_dir = predict_dir
 
         # Auxiliary losses: built only when weighted (no VGG / DINOv2 load otherwise).
@@ -451,10 +460,12 @@ class DCSSDAESystem(pl.LightningModule):
     def check_corruption(self, saved: dict | None, path: str, strict: bool = True) -> None:
         """Weights trained with another corruption (objective, decay, lambda, parameterisation) would have their
         output read as something else (e.g. an image taken for a field): refuse them (`strict`, resuming or a
-        distillation teacher) or warn (`init_from`, where a new phase may deliberately change the objective)."""
+        distillation teacher) or warn (`init_from`, where a new phase may deliberately change the objective).
+        Settings that only choose the training levels (EqM noise_power, FM logit_mean / logit_std) may differ."""
         if saved is None:
             return
-        theirs, ours = corruption_config(build_corruption(saved)), corruption_config(self.corruption)
+        theirs = network_corruption_config(build_corruption(saved))
+        ours = network_corruption_config(self.corruption)
         if theirs != ours:
             message = (f"{path} was trained with corruption {theirs} but this run uses {ours}: the decoder's output "
                        "means something else")

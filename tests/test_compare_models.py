@@ -27,7 +27,8 @@ def test_model_spec_reads_steps_and_sampler_settings(compare):
     assert compare.parse_model("one step = out/x@1") == ("one step", "out/x", 1, {})
     assert compare.parse_model("t=a@b.ckpt@8,power=3,schedule=noise") == (
         "t", "a@b.ckpt", 8, {"power": 3, "schedule": "noise"})
-    for bad in ("no-label", "t=a.ckpt@eight", "t=a.ckpt@8,power"):
+    for bad in ("no-label", "t=a.ckpt@eight", "t=a.ckpt@8,power", "t=a.ckpt@8,power=", "t=a.ckpt@8,=3",
+                "t=a.ckpt@8,power=[1"):
         with pytest.raises(argparse.ArgumentTypeError, match="--model"):
             compare.parse_model(bad)
 

@@ -4,6 +4,7 @@ predictions. Tiny presets, random in-memory images."""
 
 import copy
 import fnmatch
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from dcssdae.autoencoder import DCSSDAE, WeightsFileError, load_weights
 from dcssdae.callbacks import EMA
 from dcssdae.checkpointing import StepSeed
-from dcssdae.corruption import FlowMatching
+from dcssdae.corruption import EquilibriumMatching, FlowMatching
 from dcssdae.decoder import build_decoder
 from dcssdae.distill import DistillSystem
 from dcssdae.encoder import build_encoder
@@ -403,3 +404,37 @@ def test_extra_step_counts_are_scored_beside_the_model_from_the_same_noise(tmp_p
     assert alone["val/psnr"] == pytest.approx(result["val_1step/psnr"])
     with pytest.raises(ValueError, match="val_extra_steps"):
         DCSSDAESystem(**tiny, val_extra_steps=[0])
+
+
+def test_training_level_settings_do_not_make_another_network(tmp_path):
+    """EqM noise_power (and FM's logit-normal parameters) only choose the training levels: weights trained with
+    another value initialise, resume and teach without complaint; the saved config keeps the value."""
+    source = DCSSDAE("tiny-f32c8", "tiny", corruption=EquilibriumMatching(noise_power=2.0))
+    path = save_checkpoint(source, tmp_path / "np2.ckpt")
+    assert torch.load(path, weights_only=True)["dcssdae_config"]["corruption"]["init_args"]["noise_power"] == 2.0
+    model = DCSSDAESystem(**TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model.check_corruption(source.config()["corruption"], str(path))  # strict: would raise if it differed
+    with pytest.raises(ValueError, match="set model.corruption to match"):
+        model.check_corruption(DCSSDAE("tiny-f32c8", "tiny", corruption=EquilibriumMatching(
+            decay="truncated")).config()["corruption"], str(path))
+    # --ckpt_path with another noise_power on the command line is no architecture conflict
+    from dcssdae.autoencoder import corruption_config
+    from dcssdae.cli import reconcile_with_checkpoint
+
+    given = {"corruption": corruption_config(EquilibriumMatching(noise_power=3.0))}
+    reconcile_with_checkpoint("dcssdae.system.DCSSDAESystem", given, {"corruption": source.config()["corruption"]},
+                              str(path))
+    with pytest.raises(ValueError, match="the network must be the checkpoint's"):
+        reconcile_with_checkpoint("dcssdae.system.DCSSDAESystem", {"corruption": corruption_config(
+            EquilibriumMatching(decay="truncated"))}, {"corruption": source.config()["corruption"]}, str(path))
+    fm = DCSSDAESystem(**{**TINY, "corruption": FlowMatching()})
+    fm.check_corruption(DCSSDAE("tiny-f32c8", "tiny", corruption=FlowMatching(logit_mean=0.5)).config()["corruption"],
+                        str(path))
+
+
+def test_a_distillation_student_scores_only_one_step_beside_itself():
+    with pytest.raises(ValueError, match="val_extra_steps may hold only 1"):
+        DistillSystem(**{**TINY, "loss_weights": LossWeights(distill=1.0, stlpips=0.0, repa=0.0, kl=0.0)},
+                      trainable=["decoder.*"], val_extra_steps=[4])
