@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {label: m.compute() for label, m in metrics.items()}
     for label, _, steps, path, settings in models:
-        results[label].update(source=path, steps=steps, sampler_settings=settings, seconds_per_image=seconds[label] / max(seen, 1))
+        results[label].update(source=path, steps=steps, sampler_settings=settings,
+                              seconds_per_image=seconds[label] / max(seen, 1))
     out = Path(args.out)
     write_json({"val_shards": args.val_shards, "size": args.size, "seed": args.seed, "models": results},
                out.with_suffix(".json"))

@@ -313,22 +313,30 @@ class DCSSDAESystem(pl.LightningModule):
     def val_sampler(self) -> dict[str, Any]:
         return self.ae.sampler_settings(steps=self.val_steps)
 
-    def reconstruct(self, x: torch.Tensor, batch_idx: int,
-                    steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_hat in [-1, 1], nfe) from noise seeded by (val_seed, batch, rank): the same images every time. `steps`
-        replaces the validation sampler's step count."""
+    def val_inputs(self, x: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, noise) for validation: the posterior mean, and noise seeded by (val_seed, batch, rank)."""
         seed = self.val_seed + batch_idx * self.trainer.world_size + self.global_rank
         noise = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(seed), device=x.device)
+        return self.ae.encode(x), noise.to(x.dtype)
+
+    def val_decode(self, z: torch.Tensor, noise: torch.Tensor,
+                   steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_hat in [-1, 1], nfe) with the validation sampler; `steps` replaces its step count."""
         sampler = self.val_sampler() if steps is None else self.ae.sampler_settings(steps=steps)
-        x_hat, nfe = self.ae.decode(self.ae.encode(x), noise=noise.to(x.dtype), return_nfe=True, **sampler)
+        x_hat, nfe = self.ae.decode(z, noise=noise, return_nfe=True, **sampler)
         return x_hat.float().clamp(-1, 1), nfe
+
+    def reconstruct(self, x: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_hat in [-1, 1], nfe) from the validation latent and noise: the same images every time."""
+        return self.val_decode(*self.val_inputs(x, batch_idx))
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         x = batch["image"]
-        x_hat, nfe = self.reconstruct(x, batch_idx)
+        z, noise = self.val_inputs(x, batch_idx)  # encoded once, shared by every decoder scored
+        x_hat, nfe = self.val_decode(z, noise)
         self.val_metrics.update(x_hat, x, nfe)
         for steps, metrics in self.extra_metrics.items():
-            x_extra, nfe_extra = self.reconstruct(x, batch_idx, int(steps))
+            x_extra, nfe_extra = self.val_decode(z, noise, int(steps))
             metrics.update(x_extra, x, nfe_extra)
         if self.baseline_metrics is not None and not (self._baseline_reusable() and self.baseline_result is not None):
             encoder = self.ae.encoder
