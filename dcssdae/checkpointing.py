@@ -26,8 +26,6 @@ import pickle
 import random
 import re
 import signal
-import socket
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from dcssdae.files import umask_mode
+from dcssdae.files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -98,68 +96,14 @@ def check_finite(checkpoint: dict, path: str | os.PathLike) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Writing a file atomically: temp file beside the target, fsync, rename over the target, fsync the folder.
-# A reader sees the old file or the new one, never a partial one, even after a kill -9 or a power cut.
-
-_HOST = socket.gethostname().replace(".", "_")
-
-
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.{_HOST}."
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete temp files left beside `path` by writers on this host that no longer run (killed mid-write)."""
-    for temp in path.parent.glob(_temp_prefix(path) + "*.tmp"):
-        try:
-            pid = int(temp.name[len(_temp_prefix(path)) :].split(".", 1)[0])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            log.info("removing %s, left by a writer that was killed", temp)
-            temp.unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # e.g. Windows: folders cannot be opened
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some network file systems refuse fsync on a folder; the rename is still atomic
-    finally:
-        os.close(fd)
+# Writing a checkpoint atomically (`dcssdae.files.atomic_file`: temp file beside the target, fsync, rename over the
+# target, fsync the folder): a reader sees the old file or the new one, never a partial one, even after a kill -9.
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save(obj)` to `path` so that `path` always holds either its previous content or all of `obj`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temp, umask_mode())  # mkstemp creates 0600; give the file the permissions open() would
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def _local_path(path: str | os.PathLike) -> Path | None:

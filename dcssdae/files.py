@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def finite_or_none(tree: Any) -> Any:
@@ -72,21 +76,70 @@ def atomic_folder(out: str | os.PathLike):
             shutil.rmtree(tmp)
 
 
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _temp_prefix(path: Path) -> str:
+    """Prefix of `path`'s temporaries: ".NAME.HOST." (then the writer's pid), so that stale ones can be told apart."""
+    return f".{path.name}.{_HOST}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temp files left beside `path` by writers on this host that no longer run (killed mid-write)."""
+    for temp in path.parent.glob(_temp_prefix(path) + "*.tmp"):
+        try:
+            pid = int(temp.name[len(_temp_prefix(path)) :].split(".", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            log.info("removing %s, left by a writer that was killed", temp)
+            temp.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows: folders cannot be opened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some network file systems refuse fsync on a folder; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb"):
-    """Open a temporary file beside `path` for writing (`mode` "wb" or "w") and yield it; on success it takes `path`'s
-    place, with the permissions the umask gives; on error it is removed and `path` is untouched."""
+    """Open a temporary file beside `path` for writing (`mode` "wb" or "w") and yield it; on success it is flushed
+    to disk and takes `path`'s place (then the folder is synced), with the permissions the umask gives; on error it
+    is removed and `path` is untouched. A reader sees the old file or the new one, never a partial one, even after a
+    kill -9 or a power cut; temporaries of killed writers on this host are removed by the next write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, umask_mode())  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    _fsync_dir(path.parent)
 
 
 def write_json(metrics: dict, path: str | os.PathLike) -> Path:
