@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from dcssdae.corruption import EquilibriumMatching, FlowMatching
-from dcssdae.decoder import build_decoder
+from dcssdae.decoder import DECODERS, build_decoder
 from dcssdae.encoder import Posterior, build_encoder
 from dcssdae.sampling import sample, settings_of
 from dcssdae.tiling import Tiling, crop, pad_to_multiple, tiled_call
@@ -128,8 +128,14 @@ class DCSSDAE(nn.Module):
                              f"{type(self.corruption).__name__} needs time_conditioned={time_conditioned}; drop it "
                              "(the corruption decides)")
         decoder_overrides.pop("time_conditioned", None)
+        if "out_channels" in decoder_overrides:
+            raise ValueError("decoder_overrides sets out_channels; drop it (the corruption decides: the image's "
+                             "channels plus those its parameterisation reads, e.g. EqM's gate)")
         self.encoder = build_encoder(encoder, pretrained=encoder_pretrained, **encoder_overrides)
+        extra = getattr(self.corruption, "extra_outputs", 0)  # e.g. the gate map of a gated denoiser
+        image_channels = {**DECODERS.get(decoder, {}), **decoder_overrides}.get("image_channels", 3)
         self.decoder = build_decoder(decoder, self.encoder.latent_channels, time_conditioned=time_conditioned,
+                                     **({"out_channels": image_channels + extra} if extra else {}),
                                      **decoder_overrides)
         self.sampler = self._check_sampler(sampler or self.default_sampler())
         self.latent_scale, self.latent_shift = float(latent_scale), float(latent_shift)

@@ -22,7 +22,8 @@ Sign convention (written once here, used everywhere in dcssdae):
 
 from typing import Literal
 
-PARAMETERIZATIONS = ("denoiser", "field")
+PARAMETERIZATIONS = ("denoiser", "field", "gated")
+GATE_BIAS = -4.0  # gated denoiser: logit offset, so that a zero-initialised network starts as a denoiser (s = 0.018)
 
 import torch
 
@@ -82,7 +83,7 @@ class EquilibriumMatching:
         multiplier: float | None = None,
         a: float = 0.8,
         b: float = 1.4,
-        parameterization: Literal["denoiser", "field"] = "denoiser",
+        parameterization: Literal["denoiser", "field", "gated"] = "denoiser",
         noise_power: float = 1.0,
     ):
         """
@@ -98,6 +99,10 @@ class EquilibriumMatching:
             parameterization: what the network outputs. `denoiser`: an image D, and the field is
                 f = c(0) * (x_gamma - D) (exact for the linear decay: D is then x0_hat). `field`: f itself (the EqM
                 paper; the behaviour of configs saved before this option, which `build_corruption` keeps).
+                `gated`: an image D~ and a gate map s in (0, 1) (one more output channel), D = s * x_gamma +
+                (1 - s) * D~, f = c(0) * (x_gamma - D): a denoiser that can pass its input through where it is
+                nearly clean (EDM's c_skip, Karras et al. 2022 Eq. 7, without a noise-level input: the network
+                judges the level from x_gamma itself).
             noise_power: training noise levels: the noise fraction 1 - gamma = u^p with u ~ U[0, 1). 1 is the EqM
                 paper's gamma ~ U[0, 1); p > 1 draws more levels near the data (P(1 - gamma < 0.1) = 0.1^(1/p)),
                 where a time-free denoiser must tell residual noise from texture and where the last steps of a
@@ -164,11 +169,25 @@ class EquilibriumMatching:
         gamma = _per_sample(level, x)
         return gamma * x + (1 - gamma) * noise
 
+    @property
+    def extra_outputs(self) -> int:
+        """Output channels the network needs beyond the image's: 1 (the gate) for `gated`, else 0."""
+        return int(self.parameterization == "gated")
+
     def pred(self, x_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The field f from the network output: `out` itself (`field`) or c(0) * (x_t - out) (`denoiser`)."""
+        """The field f from the network output: `out` itself (`field`), c(0) * (x_t - out) (`denoiser`) or
+        c(0) * (1 - s) * (x_t - D~) with out = [D~, logit of s] (`gated`)."""
         if self.parameterization == "field":
             return out
-        return (x_t - out) / self.step_to_data(0.0).item()  # k = c(0) = 1 / step_to_data(0), in closed form
+        k = 1 / self.step_to_data(0.0).item()  # c(0), in closed form
+        if self.parameterization == "gated":
+            channels = x_t.shape[1]
+            if out.shape[1] != channels + 1:
+                raise ValueError(f"the gated EqM parameterisation needs {channels + 1} output channels (image + "
+                                 f"gate), got {out.shape[1]}")
+            image, gate = out[:, :channels], torch.sigmoid(out[:, channels:].float() + GATE_BIAS)
+            return k * (1 - gate) * (x_t - image)
+        return (x_t - out) * k
 
     def target(self, x: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         """f* = (noise - x) * c(gamma): points away from the data; descent moves towards it."""

@@ -609,6 +609,7 @@ class UViTDecoder(nn.Module):
         self,
         latent_channels: int,
         image_channels: int = 3,
+        out_channels: int | None = None,
         channels: int = 48,
         channel_mult: tuple[int, ...] = (1, 2, 3, 3),
         layers_per_block: int = 2,
@@ -625,6 +626,8 @@ class UViTDecoder(nn.Module):
         Args:
             latent_channels: channels c of z (B, c, H/f, W/f); f may be any multiple of 8 (8..128).
             image_channels: channels of x_t and of the prediction.
+            out_channels: channels of the output; default `image_channels` (more for a parameterisation that
+                reads extra maps, e.g. EqM's gated denoiser).
             channels: base width; level i has round_up(channels * channel_mult[i], norm_groups) channels.
             channel_mult: width multipliers of the four U-Net levels (the last one is the transformer width).
             layers_per_block: ResNet blocks per level on the way down (one more on the way up).
@@ -694,7 +697,8 @@ class UViTDecoder(nn.Module):
                     nn.Upsample(scale_factor=2.0), nn.Conv2d(c, c, 3, padding=1)
                 )
         self.out_norm = nn.GroupNorm(norm_groups, c0, eps=1e-6)
-        self.out_conv = _zero_(nn.Conv2d(c0, image_channels, 3, padding=1))  # prediction starts at 0
+        self.out_channels = out_channels or image_channels
+        self.out_conv = _zero_(nn.Conv2d(c0, self.out_channels, 3, padding=1))  # prediction starts at 0
 
         # Implementation switch, not part of the model (same function either way, see tests/test_decoder.py):
         # run the conv levels channels-last (oneDNN / cuDNN convolutions are about 2x faster so on the CPU).
@@ -748,7 +752,7 @@ class UViTDecoder(nn.Module):
         t: torch.Tensor | None = None,
         return_tokens_at: int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """pred (shape of x_t), or (pred, tokens (B, N, D)) after mid block `return_tokens_at` (0-based)."""
+        """pred (B, out_channels, H, W), or (pred, tokens (B, N, D)) after mid block `return_tokens_at` (0-based)."""
         self._check(x_t, z, t, return_tokens_at)
         if self.channels_last:
             x_t, z = (a.contiguous(memory_format=torch.channels_last) for a in (x_t, z))
@@ -795,7 +799,7 @@ class UViTDecoder(nn.Module):
                 h = block(h)
         norm = self.out_norm
         h = _group_norm(h, norm.num_groups, norm.eps, norm.weight, norm.bias)
-        pred = self.out_conv(F.silu(h)).contiguous()  # (B, 3, H, W), NCHW
+        pred = self.out_conv(F.silu(h)).contiguous()  # (B, out_channels, H, W), NCHW
         return pred if return_tokens_at is None else (pred, tokens)
 
 

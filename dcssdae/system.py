@@ -53,6 +53,22 @@ from dcssdae.metrics import ReconstructionMetrics, format_table, psnr_uint8, qua
 NO_DECAY_NAMES = ("embed", "rel_bias", "pos_")
 
 
+def _grow_output_rows(state: dict, own: dict, path: str) -> dict:
+    """`state` with the decoder's output layer widened to this network's: where this decoder has more output
+    channels than the file's (EqM `gated` initialised from a `denoiser`: one more, the gate), the file's rows are
+    copied and the others keep their initialisation (zero: a gate that starts nearly closed)."""
+    for key in ("decoder.out_conv.weight", "decoder.out_conv.bias"):
+        theirs, mine = state.get(key), own.get(key)
+        if theirs is None or mine is None or theirs.shape[1:] != mine.shape[1:] or len(theirs) >= len(mine):
+            continue
+        grown = mine.clone()
+        grown[: len(theirs)] = theirs
+        state = {**state, key: grown}
+        rank_zero_info(f"init_from {path}: {key} has {len(mine)} output channels here, {len(theirs)} in the file; "
+                       f"the others keep their initialisation")
+    return state
+
+
 class DCSSDAESystem(pl.LightningModule):
     """Trains a DC-SSDAE autoencoder (encoder + diffusion decoder) with EqM/FM + LPIPS + REPA + KL."""
 
@@ -170,12 +186,18 @@ class DCSSDAESystem(pl.LightningModule):
         if weights.repa > 0:
             block = min(repa_block, self.ae.decoder.mid_depth - 1)
             self.repa = REPALoss(self.ae.decoder.mid_dim, repa_encoder, block, pretrained=repa_pretrained)
-        self.val_metrics = ReconstructionMetrics(rfid=val_rfid, lpips_variant=val_lpips)
+        # The validation table: the model's column, then columns sharing its frozen networks. Built without drawing
+        # from the global random stream, so that the columns asked for do not change what trains.
         self.val_baseline = val_baseline
-        self.baseline_metrics = ReconstructionMetrics(rfid=val_rfid, lpips_variant=val_lpips) if val_baseline else None
+        with torch.random.fork_rng(devices=[]):
+            self.val_metrics = ReconstructionMetrics(rfid=val_rfid, lpips_variant=val_lpips)
+
+            def column() -> ReconstructionMetrics:
+                return ReconstructionMetrics(val_rfid, val_lpips, share_networks=self.val_metrics)
+
+            self.baseline_metrics = column() if val_baseline else None
+            self.extra_metrics = nn.ModuleDict({str(n): column() for n in self.val_extra_steps})
         self.baseline_result: dict | None = None  # the baseline's metrics, once measured (the same every time)
-        self.extra_metrics = nn.ModuleDict({str(n): ReconstructionMetrics(rfid=val_rfid, lpips_variant=val_lpips)
-                                            for n in self.val_extra_steps})
 
         self.freeze_except(self.trainable)
 
@@ -230,9 +252,10 @@ class DCSSDAESystem(pl.LightningModule):
                 if loss is not None:
                     loss.load()
         if stage in ("fit", "validate", "test"):
-            for metrics in (self.val_metrics, self.baseline_metrics, *self.extra_metrics.values()):
-                if metrics is not None:
-                    metrics.load()
+            with torch.random.fork_rng(devices=[]):  # frozen networks: no draw from the training stream
+                for metrics in (self.val_metrics, self.baseline_metrics, *self.extra_metrics.values()):
+                    if metrics is not None:
+                        metrics.load()
 
     def load_init_weights(self, path: str) -> None:
         """Load autoencoder weights (EMA when the checkpoint has them) from a .ckpt or an export directory.
@@ -240,13 +263,14 @@ class DCSSDAESystem(pl.LightningModule):
         Shapes must match exactly; missing and unexpected names are reported (missing ones keep their init).
         """
         config, state = load_weights(path)
-        self.check_corruption(config.get("corruption"), path, strict=False)  # a new phase may change objective
         own = self.ae.state_dict()
+        state = _grow_output_rows(state, own, path)
         mismatched = [f"{k}: {tuple(v.shape)} in {Path(path).name}, {tuple(own[k].shape)} here"
                       for k, v in state.items() if k in own and v.shape != own[k].shape]
         if mismatched:
             raise ValueError(f"init_from {path}: shape mismatch (different encoder/decoder config?):\n  "
                              + "\n  ".join(mismatched))
+        self.check_corruption(config.get("corruption"), path, strict=False)  # a new phase may change objective
         report = self.ae.load_state_dict(state, strict=False)
         loaded = len(state) - len(report.unexpected_keys)
         rank_zero_info(f"init_from {path}: loaded {loaded} of the autoencoder's {len(own)} tensors")

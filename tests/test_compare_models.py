@@ -55,3 +55,51 @@ def test_scores_models_with_their_settings_beside_bicubic(compare, tiny_cli, tmp
     assert models["power 3"]["psnr"] != pytest.approx(models["two steps"]["psnr"], abs=1e-6)
     assert "| bicubic |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# benchmarks/denoiser_levels.py: the one-step estimate at fixed noise levels.
+
+
+@pytest.fixture(scope="module")
+def levels_script():
+    spec = importlib.util.spec_from_file_location("denoiser_levels", ROOT / "benchmarks" / "denoiser_levels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_denoiser_levels_of_a_fresh_gated_model_in_closed_form(levels_script):
+    """A zero-initialised gated decoder: D~ = 0 and s = sigmoid(GATE_BIAS) everywhere, so x0_hat = s x_gamma."""
+    from dcssdae.autoencoder import DCSSDAE
+    from dcssdae.corruption import GATE_BIAS, EquilibriumMatching
+
+    torch.manual_seed(0)
+    ae = DCSSDAE("tiny-f8c4", "tiny", corruption=EquilibriumMatching(parameterization="gated")).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    noise = torch.randn_like(x)
+    s = torch.sigmoid(torch.tensor(GATE_BIAS)).item()
+    with torch.no_grad():
+        rows = levels_script.levels(ae, x, noise, (0.0, 0.5, 0.9))
+    for row in rows:
+        x_t = row["gamma"] * x + (1 - row["gamma"]) * noise
+        assert row["mse_input"] == pytest.approx((x_t - x).square().mean().item(), rel=1e-5)
+        assert row["mse_x0_hat"] == pytest.approx((s * x_t - x).square().mean().item(), rel=1e-4)
+        assert row["gate_mean"] == pytest.approx(s, rel=1e-5) and row["gate_p90"] == pytest.approx(s, rel=1e-5)
+    assert "gate mean" in levels_script.markdown(rows)
+
+
+def test_denoiser_levels_on_the_held_out_photos_writes_json(levels_script, tiny_cli, tmp_path):
+    from dcssdae.autoencoder import DCSSDAE
+    from dcssdae.export import write_export
+
+    torch.manual_seed(0)
+    folder = write_export(DCSSDAE("tiny-f8c4", "tiny"), tmp_path / "model")
+    out = tmp_path / "levels"
+    assert levels_script.main([str(folder), "--size", "64", "--limit", "2", "--gammas", "0", "0.9",
+                               "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["images"] == 2 and [r["gamma"] for r in result["levels"]] == [0.0, 0.9]
+    assert "gate_mean" not in result["levels"][0]  # a denoiser has no gate
+    with pytest.raises(SystemExit):
+        levels_script.main([str(folder), "--gammas", "1.0"])

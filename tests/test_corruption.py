@@ -88,7 +88,7 @@ def test_eqm_default_multiplier_per_decay():
         ({"a": 1.0}, r"a must lie in \(0, 1\)"),
         ({"a": 0.0}, r"a must lie in \(0, 1\)"),
         ({"b": 0.0}, "b must be > 0"),
-        ({"parameterization": "velocity"}, "unknown EqM parameterization 'velocity'; known: denoiser, field"),
+        ({"parameterization": "velocity"}, "unknown EqM parameterization 'velocity'; known: denoiser, field, gated"),
     ],
 )
 def test_eqm_argument_errors(kwargs, message):
@@ -187,6 +187,55 @@ def test_denoiser_form_of_every_decay_uses_k_equal_c0(decay):
     torch.testing.assert_close(eqm.pred(noise, out), c0 * (noise - out))
     zero = torch.zeros(5)
     torch.testing.assert_close(eqm.to_x0(noise, eqm.pred(noise, out), zero), out, atol=1e-5, rtol=1e-5)
+
+
+def test_gated_denoiser_blends_its_input_and_its_image_by_the_gate():
+    """out = [D~, g]: D = s x_gamma + (1 - s) D~ with s = sigmoid(g + GATE_BIAS); a closed gate is the denoiser form,
+    an open one passes x_gamma through (zero field); x0_hat = D under the linear decay and the loss is k^2 |D - x|^2."""
+    from dcssdae.corruption import GATE_BIAS
+
+    x, noise = _batch()
+    image = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    eqm = EquilibriumMatching(parameterization="gated")
+    assert eqm.extra_outputs == 1 and EquilibriumMatching().extra_outputs == 0
+    gamma = torch.tensor([0.0, 0.2, 0.5, 0.9, 0.999])
+    x_t = eqm.corrupt(x, noise, gamma)
+    logit = torch.linspace(-3, 3, 5).view(5, 1, 1, 1).expand(5, 1, *x.shape[2:])
+    pred = eqm.pred(x_t, torch.cat([image, logit], 1))
+    s = torch.sigmoid(logit + GATE_BIAS)
+    blend = s * x_t + (1 - s) * image
+    torch.testing.assert_close(eqm.to_x0(x_t, pred, gamma), blend, atol=1e-5, rtol=1e-5)
+    loss = eqm.loss(pred, eqm.target(x, noise, gamma))
+    torch.testing.assert_close(loss, 4 * (blend - x).square().mean(dim=(1, 2, 3)), atol=1e-5, rtol=1e-5)
+    closed = eqm.pred(x_t, torch.cat([image, torch.full_like(logit, -1e4)], 1))
+    torch.testing.assert_close(closed, EquilibriumMatching().pred(x_t, image))
+    opened = eqm.pred(x_t, torch.cat([image, torch.full_like(logit, 1e4)], 1))
+    torch.testing.assert_close(opened, torch.zeros_like(x_t))
+
+
+def test_gated_autoencoder_has_a_gate_channel_and_round_trips():
+    """The decoder gets one more output channel for the gate; a fresh model decodes (almost) to grey in one step;
+    the saved config rebuilds the same network."""
+    from dcssdae.autoencoder import DCSSDAE
+    from dcssdae.corruption import GATE_BIAS
+
+    torch.manual_seed(0)
+    corruption = {"class_path": "dcssdae.corruption.EquilibriumMatching", "init_args": {"parameterization": "gated"}}
+    model = DCSSDAE("tiny-f8c4", "tiny", corruption=corruption).eval()
+    assert model.decoder.out_conv.out_channels == 4 and model.decoder.image_channels == 3
+    assert "out_channels" not in model.config()["decoder_overrides"]
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    noise = torch.randn_like(x)
+    with torch.no_grad():
+        x_hat = model.decode(model.encode(x), noise=noise, steps=1)
+        torch.testing.assert_close(x_hat, torch.sigmoid(torch.tensor(GATE_BIAS)) * noise)
+        rebuilt = DCSSDAE.from_config(model.config())
+        rebuilt.load_state_dict(model.state_dict())
+        torch.testing.assert_close(rebuilt.decode(rebuilt.encode(x), noise=noise, steps=1), x_hat)
+    with pytest.raises(ValueError, match="drop it"):
+        DCSSDAE("tiny-f8c4", "tiny", corruption=corruption, decoder_overrides={"out_channels": 4})
+    with pytest.raises(ValueError, match="needs 4 output channels"):
+        EquilibriumMatching(parameterization="gated").pred(x, torch.zeros_like(x))
 
 
 def test_field_form_and_flow_matching_pass_the_output_through():

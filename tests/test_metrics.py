@@ -153,6 +153,31 @@ def test_state_dict_leaves_out_frozen_networks(inception_weights):
     assert not holder.metrics.perceptual.training  # no LPIPS dropout, ever
 
 
+def test_columns_share_their_frozen_networks(inception_weights):
+    """`share_networks`: one Inception and one set of perceptual networks for several instances (the columns of a
+    validation table), the same numbers as with networks of their own, still left out of checkpoints."""
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    x_hat = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))).clamp(-1, 1)
+    first = ReconstructionMetrics(lpips_variant="lpips_random", inception_weights=inception_weights)
+    second = ReconstructionMetrics(lpips_variant="lpips_random", share_networks=first)
+    assert second.fid.inception is first.fid.inception and second.perceptual is first.perceptual
+    torch.manual_seed(0)
+    first.update(x_hat, x)
+    second.update(x_hat, x)
+    assert list(first.perceptual) == ["lpips_random"]  # built once, for both
+    assert torch.equal(first.fid.fake_features_sum, second.fid.fake_features_sum)
+    assert torch.equal(first.fid.real_features_sum, second.fid.real_features_sum)
+    assert torch.equal(first.sums.lpips_random_sum, second.sums.lpips_random_sum)
+    holder = torch.nn.Module()
+    holder.first, holder.second = first, second
+    assert not [k for k in holder.state_dict() if "inception" in k or "perceptual" in k]
+    holder.load_state_dict(holder.state_dict(), strict=True)
+    with pytest.raises(ValueError, match="share_networks needs an instance with the same"):
+        ReconstructionMetrics(rfid=False, lpips_variant="lpips_random", share_networks=first)
+    with pytest.raises(ValueError, match="share_networks needs an instance with the same"):
+        ReconstructionMetrics(lpips_variant=None, share_networks=first)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # rFID with the real TF-Inception
 

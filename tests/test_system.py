@@ -127,6 +127,28 @@ def test_schedule_free_radam_trains_and_validates():
     assert not torch.equal(before, model.ae.decoder.out_conv.weight)
 
 
+def test_gated_denoiser_trains_validates_and_its_checkpoint_rebuilds_the_gate_channel(tmp_path):
+    """EqM `gated`: the system trains the 4-channel decoder (the gate's weights move), validates, and its export
+    loads into a DCSSDAE whose one-step decode equals the trained model's."""
+    corruption = EquilibriumMatching(parameterization="gated")
+    model = DCSSDAESystem(**{**TINY, "corruption": corruption}, lr=1e-3)
+    assert model.ae.decoder.out_conv.out_channels == 4
+    before = model.ae.decoder.out_conv.weight.detach().clone()
+    trainer = fit(model, steps=2, val_check_interval=2)
+    assert not torch.equal(before[3], model.ae.decoder.out_conv.weight[3])  # the gate channel trains
+    from dcssdae.export import export_checkpoint
+
+    path = tmp_path / "gated.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = DCSSDAE.from_pretrained(export_checkpoint(path, tmp_path / "export", ema=False))
+    assert loaded.corruption.parameterization == "gated" and loaded.decoder.out_conv.out_channels == 4
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    noise = torch.randn_like(x)
+    with torch.no_grad():
+        expected = model.ae.eval().decode(model.ae.encode(x), noise=noise, steps=1)
+        torch.testing.assert_close(loaded.decode(loaded.encode(x), noise=noise, steps=1), expected)
+
+
 def test_kl_only_when_the_encoder_trains():
     model = DCSSDAESystem(**TINY, trainable=["decoder.*"])
     terms = {}
@@ -199,6 +221,26 @@ def test_init_from_is_strict_about_shapes(tmp_path):
     model = DCSSDAESystem(**TINY)
     with pytest.raises(ValueError, match="shape mismatch"):
         model.load_init_weights(str(save_checkpoint(source, tmp_path / "c4.ckpt")))
+
+
+def test_init_from_a_denoiser_widens_the_output_layer_for_a_gate(tmp_path):
+    """EqM `gated` initialised from a `denoiser`: the image rows of the output layer come from the file, the gate
+    row keeps its zero initialisation (a nearly closed gate); the other way round is a shape mismatch."""
+    torch.manual_seed(0)
+    source = DCSSDAE("tiny-f32c8", "tiny")
+    with torch.no_grad():
+        source.decoder.out_conv.weight.normal_()
+        source.decoder.out_conv.bias.normal_()
+    model = DCSSDAESystem(**{**TINY, "corruption": EquilibriumMatching(parameterization="gated")})
+    with pytest.warns(UserWarning, match="initialising from it anyway"):
+        model.load_init_weights(str(save_checkpoint(source, tmp_path / "denoiser.ckpt")))
+    out_conv = model.ae.decoder.out_conv
+    assert torch.equal(out_conv.weight[:3], source.decoder.out_conv.weight)
+    assert torch.equal(out_conv.bias[:3], source.decoder.out_conv.bias)
+    assert not out_conv.weight[3].any() and not out_conv.bias[3].any()
+    gated = DCSSDAE("tiny-f32c8", "tiny", corruption=EquilibriumMatching(parameterization="gated"))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        DCSSDAESystem(**TINY).load_init_weights(str(save_checkpoint(gated, tmp_path / "gated.ckpt")))
 
 
 def test_from_pretrained_rejects_a_non_dcssdae_checkpoint(tmp_path):
