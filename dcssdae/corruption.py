@@ -186,7 +186,7 @@ class EquilibriumMatching:
                 raise ValueError(f"the gated EqM parameterisation needs {channels + 1} output channels (image + "
                                  f"gate), got {out.shape[1]}")
             image, gate = out[:, :channels], torch.sigmoid(out[:, channels:].float() + GATE_BIAS)
-            return k * (1 - gate) * (x_t - image)
+            return (k * (1 - gate) * (x_t - image)).to(torch.promote_types(x_t.dtype, out.dtype))  # as `denoiser`
         return (x_t - out) * k
 
     def target(self, x: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:

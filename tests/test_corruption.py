@@ -211,6 +211,9 @@ def test_gated_denoiser_blends_its_input_and_its_image_by_the_gate():
     torch.testing.assert_close(closed, EquilibriumMatching().pred(x_t, image))
     opened = eqm.pred(x_t, torch.cat([image, torch.full_like(logit, 1e4)], 1))
     torch.testing.assert_close(opened, torch.zeros_like(x_t))
+    out = torch.cat([image, logit], 1)  # dtypes as the denoiser form's: a bf16 model keeps bf16, autocast float32
+    assert eqm.pred(x_t.bfloat16(), out.bfloat16()).dtype == torch.bfloat16
+    assert eqm.pred(x_t, out.bfloat16()).dtype == torch.float32
 
 
 def test_gated_autoencoder_has_a_gate_channel_and_round_trips():
