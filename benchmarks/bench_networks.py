@@ -190,7 +190,7 @@ class Ours(Benchmarked):
         return (z - self.ae.latent_shift) * self.ae.latent_scale  # as DCSSDAE.encode
 
     def decode(self, z, noise, nfe):
-        z = z / self.ae.latent_scale + self.ae.latent_shift  # as DCSSDAE.decode
+        z = self.ae.raw_latent(z)
         settings = self.ae.sampler_settings(steps=nfe, method="gd")  # eta = 1 / c(0) of this corruption
         fn = lambda x, z: self.ae.corruption.pred(x, self.dec(x, z))  # as DCSSDAE.pred
         return sample(fn, noise, settings.pop("method"), context=(z,), **settings)[0]

@@ -91,11 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     dm = ImageNetDataModule(val_shards=args.val_shards, train_shards="default", image_size=args.size,
                             val_batch_size=args.batch, num_workers=0)
     dm.setup("validate")
-    labels = [m[0] for m in models] + ["bicubic"]
-    first_metrics = ReconstructionMetrics(rfid=not args.no_rfid, lpips_variant=["stlpips_alex", "stlpips_vgg"])
-    metrics = {labels[0]: first_metrics, **{label: ReconstructionMetrics(
-        rfid=not args.no_rfid, lpips_variant=["stlpips_alex", "stlpips_vgg"], share_networks=first_metrics)
-        for label in labels[1:]}}  # one Inception and one set of ST-LPIPS networks for every column
+    metrics: dict[str, ReconstructionMetrics] = {}
+    for label in [m[0] for m in models] + ["bicubic"]:  # one Inception and one set of ST-LPIPS networks for all
+        metrics[label] = ReconstructionMetrics(rfid=not args.no_rfid, lpips_variant=["stlpips_alex", "stlpips_vgg"],
+                                               share_networks=next(iter(metrics.values()), None))
     shown: dict[str, list[torch.Tensor]] = {label: [] for label in ["input", *metrics]}
     seconds = {label: 0.0 for label, *_ in models}
     seen = 0

@@ -29,7 +29,7 @@ def levels(ae: DCSSDAE, x: torch.Tensor, noise: torch.Tensor, gammas: tuple[floa
     """One row per gamma: mse_x0_hat, mse_input and (gated EqM) gate_mean / gate_p90, over the batch x."""
     corruption = ae.corruption
     gated = isinstance(corruption, EquilibriumMatching) and corruption.parameterization == "gated"
-    z = ae.encode(x) / ae.latent_scale + ae.latent_shift  # the raw latent the decoder sees
+    z = ae.raw_latent(ae.encode(x))
     rows = []
     for gamma in gammas:
         level = torch.full((len(x),), gamma if isinstance(corruption, EquilibriumMatching) else 1 - gamma)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from dcssdae.corruption import EquilibriumMatching, FlowMatching
-from dcssdae.decoder import DECODERS, build_decoder
+from dcssdae.decoder import build_decoder
 from dcssdae.encoder import Posterior, build_encoder
 from dcssdae.sampling import sample, settings_of
 from dcssdae.tiling import Tiling, crop, pad_to_multiple, tiled_call
@@ -128,14 +128,12 @@ class DCSSDAE(nn.Module):
                              f"{type(self.corruption).__name__} needs time_conditioned={time_conditioned}; drop it "
                              "(the corruption decides)")
         decoder_overrides.pop("time_conditioned", None)
-        if "out_channels" in decoder_overrides:
-            raise ValueError("decoder_overrides sets out_channels; drop it (the corruption decides: the image's "
-                             "channels plus those its parameterisation reads, e.g. EqM's gate)")
+        if "extra_out_channels" in decoder_overrides:
+            raise ValueError("decoder_overrides sets extra_out_channels; drop it (the corruption decides: the maps "
+                             "its parameterisation reads besides the image, e.g. EqM's gate)")
         self.encoder = build_encoder(encoder, pretrained=encoder_pretrained, **encoder_overrides)
-        extra = getattr(self.corruption, "extra_outputs", 0)  # e.g. the gate map of a gated denoiser
-        image_channels = {**DECODERS.get(decoder, {}), **decoder_overrides}.get("image_channels", 3)
         self.decoder = build_decoder(decoder, self.encoder.latent_channels, time_conditioned=time_conditioned,
-                                     **({"out_channels": image_channels + extra} if extra else {}),
+                                     extra_out_channels=getattr(self.corruption, "extra_outputs", 0),
                                      **decoder_overrides)
         self.sampler = self._check_sampler(sampler or self.default_sampler())
         self.latent_scale, self.latent_shift = float(latent_scale), float(latent_shift)
@@ -216,6 +214,11 @@ class DCSSDAE(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return ((z - self.latent_shift) * self.latent_scale).to(self.dtype)
 
+    def raw_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """The latent the decoder network sees, from a scaled one (`encode`'s output): z / latent_scale +
+        latent_shift, in the weights' dtype."""
+        return z.to(self.dtype) / self.latent_scale + self.latent_shift
+
     def decode(
         self,
         z: torch.Tensor,
@@ -231,7 +234,7 @@ class DCSSDAE(nn.Module):
         `steps`, `method` and `settings` replace the configured sampler's (`steps=1` alone: the one-step decoder).
         Runs under the caller's grad mode. With `return_nfe`, also returns the decoder evaluations per sample.
         """
-        z = z.to(self.dtype) / self.latent_scale + self.latent_shift
+        z = self.raw_latent(z)
         f = self.downsample_factor
         shape = (z.shape[0], self.decoder.image_channels, z.shape[-2] * f, z.shape[-1] * f)
         if noise is None:

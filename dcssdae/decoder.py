@@ -609,7 +609,7 @@ class UViTDecoder(nn.Module):
         self,
         latent_channels: int,
         image_channels: int = 3,
-        out_channels: int | None = None,
+        extra_out_channels: int = 0,
         channels: int = 48,
         channel_mult: tuple[int, ...] = (1, 2, 3, 3),
         layers_per_block: int = 2,
@@ -626,8 +626,8 @@ class UViTDecoder(nn.Module):
         Args:
             latent_channels: channels c of z (B, c, H/f, W/f); f may be any multiple of 8 (8..128).
             image_channels: channels of x_t and of the prediction.
-            out_channels: channels of the output; default `image_channels` (more for a parameterisation that
-                reads extra maps, e.g. EqM's gated denoiser).
+            extra_out_channels: output channels beyond the image's (maps a parameterisation reads besides the
+                image, e.g. the gate of EqM's gated denoiser); the output has image_channels + extra_out_channels.
             channels: base width; level i has round_up(channels * channel_mult[i], norm_groups) channels.
             channel_mult: width multipliers of the four U-Net levels (the last one is the transformer width).
             layers_per_block: ResNet blocks per level on the way down (one more on the way up).
@@ -697,7 +697,7 @@ class UViTDecoder(nn.Module):
                     nn.Upsample(scale_factor=2.0), nn.Conv2d(c, c, 3, padding=1)
                 )
         self.out_norm = nn.GroupNorm(norm_groups, c0, eps=1e-6)
-        self.out_channels = out_channels or image_channels
+        self.out_channels = image_channels + extra_out_channels
         self.out_conv = _zero_(nn.Conv2d(c0, self.out_channels, 3, padding=1))  # prediction starts at 0
 
         # Implementation switch, not part of the model (same function either way, see tests/test_decoder.py):

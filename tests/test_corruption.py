@@ -226,7 +226,7 @@ def test_gated_autoencoder_has_a_gate_channel_and_round_trips():
     corruption = {"class_path": "dcssdae.corruption.EquilibriumMatching", "init_args": {"parameterization": "gated"}}
     model = DCSSDAE("tiny-f8c4", "tiny", corruption=corruption).eval()
     assert model.decoder.out_conv.out_channels == 4 and model.decoder.image_channels == 3
-    assert "out_channels" not in model.config()["decoder_overrides"]
+    assert "extra_out_channels" not in model.config()["decoder_overrides"]
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     noise = torch.randn_like(x)
     with torch.no_grad():
@@ -236,7 +236,7 @@ def test_gated_autoencoder_has_a_gate_channel_and_round_trips():
         rebuilt.load_state_dict(model.state_dict())
         torch.testing.assert_close(rebuilt.decode(rebuilt.encode(x), noise=noise, steps=1), x_hat)
     with pytest.raises(ValueError, match="drop it"):
-        DCSSDAE("tiny-f8c4", "tiny", corruption=corruption, decoder_overrides={"out_channels": 4})
+        DCSSDAE("tiny-f8c4", "tiny", corruption=corruption, decoder_overrides={"extra_out_channels": 1})
     with pytest.raises(ValueError, match="needs 4 output channels"):
         EquilibriumMatching(parameterization="gated").pred(x, torch.zeros_like(x))
 
