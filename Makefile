@@ -45,7 +45,8 @@ cpu-recipe:
 		--model.init_from $(CPU_RUNS)/phase3/checkpoints/last.ckpt
 	$(PY) -m dcssdae.cli export $(CPU_RUNS)/distill/checkpoints/last.ckpt $(CPU_RUNS)/export
 	$(PY) benchmarks/compare_models.py --out $(CPU_RUNS)/stages \
-		--model "phase 1=$(CPU_RUNS)/phase1/checkpoints/last.ckpt" \
+		--model "phase 1 (the quick-start), 16 steps=$(CPU_RUNS)/phase1/checkpoints/last.ckpt@16" \
+		--model "phase 1, 1 step=$(CPU_RUNS)/phase1/checkpoints/last.ckpt@1" \
 		--model "phase 2=$(CPU_RUNS)/phase2/checkpoints/last.ckpt" \
 		--model "phase 3 (teacher)=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@8" \
 		--model "phase 3, 1 step=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@1" \

@@ -191,9 +191,13 @@ class DCSSDAE(nn.Module):
         return sampler
 
     def sampler_settings(self, steps: int | None = None, method: str | None = None, **settings) -> dict[str, Any]:
-        """The configured sampler with some settings replaced; `steps=1` without a method means one step."""
+        """The configured sampler with some settings replaced; `steps=1` without a method means one step, and more
+        than one step from a model configured to decode in one step (a distilled student) means the default sampler
+        (`default_sampler`) at that count."""
         if method is None and steps == 1 and not settings:
             return self.one_step_sampler()
+        if method is None and steps is not None and self.sampler["method"] == "one_step":
+            return self._check_sampler({**self.default_sampler(steps), **settings})
         base = dict(self.sampler) if method in (None, self.sampler["method"]) else {"method": method}
         if steps is not None:
             base["max_steps" if base["method"] == "adaptive" else "steps"] = steps

@@ -106,7 +106,13 @@ class EquilibriumMatching:
             noise_power: training noise levels: the noise fraction 1 - gamma = u^p with u ~ U[0, 1). 1 is the EqM
                 paper's gamma ~ U[0, 1); p > 1 draws more levels near the data (P(1 - gamma < 0.1) = 0.1^(1/p)),
                 where a time-free denoiser must tell residual noise from texture and where the last steps of a
-                sampling schedule evaluate it (`dcssdae.sampling`, schedule "noise").
+                sampling schedule evaluate it (`dcssdae.sampling`, schedule "noise"); p < 1 draws more levels near
+                pure noise (P(1 - gamma > 0.5) = 1 - 0.5^(1/p): 3/4 at p = 0.5, 7/8 at p = 0.33), the levels that
+                decide an image's content (the direction of the resolution-dependent shift of Esser et al. 2024,
+                Sec. 5.3.2, for a model that decodes larger images than it trained on; the quick-start's p = 0.5 is
+                measured in the README). Too few levels near the data and the sampler stops sampling: at p = 0.33
+                the quick-start's 16-step decodes of one z differ by 0.0002 (pixel std over noise draws, in [0, 1])
+                against 0.020 at p = 0.5 and 0.033 at p = 1.
         """
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown EqM parameterization {parameterization!r}; known: "

@@ -101,5 +101,27 @@ def test_denoiser_levels_on_the_held_out_photos_writes_json(levels_script, tiny_
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["images"] == 2 and [r["gamma"] for r in result["levels"]] == [0.0, 0.9]
     assert "gate_mean" not in result["levels"][0]  # a denoiser has no gate
+    assert [(r["steps"], r["draws"]) for r in result["spread"]] == [(1, 4), (4, 4), (16, 4)]  # the defaults
+    assert all(r["spread"] >= 0 and r["mse_mean_of_draws"] <= r["mse_one_draw"] + 1e-6 for r in result["spread"])
     with pytest.raises(SystemExit):
         levels_script.main([str(folder), "--gammas", "1.0"])
+    with pytest.raises(SystemExit):
+        levels_script.main([str(folder), "--draws", "1"])
+
+
+def test_sample_spread_in_closed_form(levels_script, monkeypatch):
+    """A decoder that ignores its noise has spread 0; one that returns x + 0.1 noise has a pixel std of 0.1 in [-1, 1]
+    units, 0.05 in [0, 1] units (within the small-sample bias of 8 draws), and the mean of its draws is closer to x."""
+    from dcssdae.autoencoder import DCSSDAE
+
+    ae = DCSSDAE("tiny-f8c4", "tiny").eval()
+    x = torch.rand(2, 3, 32, 32) * 1.6 - 0.8
+    monkeypatch.setattr(ae, "decode", lambda z, noise, **settings: torch.zeros_like(noise) + x.mean())
+    row = levels_script.spread(ae, x, steps=4, draws=3)
+    assert row["spread"] == 0 and row["mse_one_draw"] == pytest.approx(row["mse_mean_of_draws"])
+    monkeypatch.setattr(ae, "decode", lambda z, noise, **settings: x + 0.1 * noise)
+    row = levels_script.spread(ae, x, steps=16, draws=8)
+    assert row["spread"] == pytest.approx(0.05, rel=0.06)
+    assert row["mse_one_draw"] == pytest.approx(0.01, rel=0.1) and row["mse_mean_of_draws"] < 0.3 * row["mse_one_draw"]
+    with pytest.raises(ValueError, match="at least 2 draws"):
+        levels_script.spread(ae, x, steps=4, draws=1)

@@ -118,10 +118,14 @@ def test_eqm_level_is_uniform_and_time_free():
     assert not eqm.time_conditioned and eqm.decoder_time(gamma) is None
 
 
-def test_eqm_noise_power_draws_levels_near_the_data():
-    """1 - gamma = u^p: P(1 - gamma < 0.1) = 0.1^(1/p), E[1 - gamma] = 1 / (p + 1); the power is kept in the config."""
+def test_eqm_noise_power_draws_levels_near_the_data_or_near_the_noise():
+    """1 - gamma = u^p: P(1 - gamma < 0.1) = 0.1^(1/p), E[1 - gamma] = 1 / (p + 1); the power is kept in the config.
+    p < 1 (the quick-start's 0.5) puts the levels near pure noise: P(1 - gamma > 0.5) = 1 - 0.5^(1/p)."""
     x = torch.zeros(40000, 1)
-    for p in (2.0, 3.0):
+    for p, above_half in ((0.5, 0.75), (0.33, 1 - 0.5 ** (1 / 0.33))):
+        gamma = EquilibriumMatching(noise_power=p).sample_level(x, torch.Generator().manual_seed(0))
+        assert (1 - gamma > 0.5).float().mean().item() == pytest.approx(above_half, abs=0.01)
+    for p in (0.33, 2.0, 3.0):
         eqm = EquilibriumMatching(noise_power=p)
         gamma = eqm.sample_level(x, torch.Generator().manual_seed(0))
         assert ((gamma > 0) & (gamma <= 1)).all()

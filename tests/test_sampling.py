@@ -463,3 +463,19 @@ def test_saved_configs_keep_the_sampler_they_were_validated_with():
     assert ae.sampler["schedule"] == "noise" and ae.config()["sampler"]["schedule"] == "noise"
     old = {**ae.config(), "sampler": {"method": "gd", "steps": 8, "eta": 0.5}}
     assert DCSSDAE.from_config(old).sampler == {"method": "gd", "steps": 8, "eta": 0.5, "schedule": "constant"}
+
+
+def test_a_one_step_model_takes_a_step_count_as_the_default_sampler():
+    """A model configured to decode in one step (a distilled student) still decodes with N > 1 steps when asked
+    (`compare_models.py MODEL@16`, validation's extra columns): the default sampling schedule at that count; other
+    methods and settings stay checked."""
+    from dcssdae.autoencoder import DCSSDAE
+
+    model = DCSSDAE("tiny-f8c4", "tiny", corruption=EquilibriumMatching("linear"), sampler={"method": "one_step"})
+    assert model.sampler_settings()["method"] == "one_step"
+    assert model.sampler_settings(steps=16) == model.default_sampler(16)
+    assert model.sampler_settings(steps=16)["method"] == "gd" and model.sampler_settings(steps=16)["schedule"] == "noise"
+    assert model.sampler_settings(steps=1)["method"] == "one_step"
+    assert model.sampler_settings(steps=4, method="nesterov")["steps"] == 4
+    with pytest.raises(ValueError, match="unknown setting"):
+        model.sampler_settings(steps=4, bogus=1)
