@@ -139,8 +139,9 @@ def make_cli_class():
             model = self.config[subcommand]["model"]
             taken = reconcile_with_checkpoint(model["class_path"], namespace_dict(model.get("init_args")), hparams,
                                               ckpt_path)
-            if taken:
-                update = {subcommand: {"model": {"class_path": model["class_path"], "init_args": taken}}}
+            if taken:  # the whole init_args: parse_object would reset the ones not named to their defaults
+                init_args = {**(namespace_dict(model.get("init_args")) or {}), **taken}
+                update = {subcommand: {"model": {"class_path": model["class_path"], "init_args": init_args}}}
                 self.config = self.parser.parse_object(update, self.config)
 
         def before_instantiate_classes(self) -> None:

@@ -66,6 +66,20 @@ def test_ckpt_path_keeps_the_evaluation_settings_of_the_command_line(tiny_cli, q
     assert metrics["nfe"] == 2.0 and metrics["sampler"]["method"] == "nesterov" and metrics["sampler"]["steps"] == 2
 
 
+def test_a_setting_taken_from_the_checkpoint_leaves_the_other_settings_alone(tiny_cli, quickstart_ckpt):
+    """A checkpoint trained with another sampler: validate takes that sampler (left at its default on the command line)
+    and keeps every other setting of the config (here the overlay's val_lpips null and val_rfid false, not the
+    system's defaults "lpips" and true, whose weights are not on this machine)."""
+    checkpoint = torch.load(quickstart_ckpt, weights_only=True)
+    checkpoint["hyper_parameters"]["sampler"] = {"method": "one_step"}
+    torch.save(checkpoint, ckpt := tiny_cli.work / "runs/quickstart/checkpoints/one_step_sampler.ckpt")
+    assert tiny_cli("validate", "taken_sampler", "--ckpt_path", str(ckpt)) == 0
+    (report,) = Path("runs/taken_sampler").rglob("validate_metrics.json")
+    metrics = json.loads(report.read_text())
+    assert metrics["sampler"]["method"] == "one_step" and metrics["nfe"] == 1.0
+    assert "lpips" not in metrics and "rfid" not in metrics
+
+
 def test_ckpt_path_with_another_architecture_is_one_clear_error(tiny_cli, quickstart_ckpt, capsys):
     code = tiny_cli("validate", "conflict", "--ckpt_path", str(quickstart_ckpt),
                     "--model.init_args.decoder_overrides", "{channels: 48}")
