@@ -137,11 +137,10 @@ def make_cli_class():
                 return  # none, "last" / "best" (resolved by the trainer), or missing (reported by the trainer)
             hparams = dict(load_checkpoint(ckpt_path).get("hyper_parameters", {}))
             model = self.config[subcommand]["model"]
-            taken = reconcile_with_checkpoint(model["class_path"], namespace_dict(model.get("init_args")), hparams,
-                                              ckpt_path)
+            given = namespace_dict(model.get("init_args")) or {}
+            taken = reconcile_with_checkpoint(model["class_path"], given, hparams, ckpt_path)
             if taken:  # the whole init_args: parse_object would reset the ones not named to their defaults
-                init_args = {**(namespace_dict(model.get("init_args")) or {}), **taken}
-                update = {subcommand: {"model": {"class_path": model["class_path"], "init_args": init_args}}}
+                update = {subcommand: {"model": {"class_path": model["class_path"], "init_args": {**given, **taken}}}}
                 self.config = self.parser.parse_object(update, self.config)
 
         def before_instantiate_classes(self) -> None:
