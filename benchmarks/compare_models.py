@@ -10,6 +10,12 @@ its configured sampler (`@STEPS` replaces the number of steps; `@1` alone is the
 also replaces sampler settings). Every model sees the same images and the same decoder noise (fixed seed). The
 baseline is bicubic resampling at the first model's latent budget (`dcssdae.baselines`). Writes OUT.json (every
 metric, per model), OUT.md (a Markdown table) and OUT.png (rows: images; columns: input, each model, bicubic).
+
+With `--draws N` (N >= 2) every model decodes each latent N times from independent noise (draw d uses seed
+SEED + 1000 d + batch): its metrics are the means over the draws (rFID on a few images moves by 10 or more from one
+noise draw to the next), the rFID of each draw is kept, and `spread` is the per-pixel standard deviation over the
+draws ([0, 1] units, averaged over pixels and images): near 0 for a decoder that no longer samples. The picture shows
+draw 0.
 """
 
 from __future__ import annotations
@@ -33,7 +39,14 @@ from dcssdae.metrics import ReconstructionMetrics, format_table, quantize_uint8
 COLUMNS = [("num_images", "images", "{:d}"), ("nfe", "NFE", "{:.0f}"), ("psnr", "PSNR dB", "{:.2f}"),
            ("ssim", "SSIM", "{:.3f}"), ("stlpips_alex", "ST-LPIPS Alex", "{:.3f}"),
            ("stlpips_vgg", "ST-LPIPS VGG", "{:.3f}"), ("stlpips", "ST-LPIPS mean", "{:.3f}"),
-           ("rfid", "rFID (relative)", "{:.1f}")]
+           ("rfid", "rFID (relative)", "{:.1f}"), ("rfid_draws", "rFID per draw", None),
+           ("spread", "spread over draws", "{:.4f}")]
+
+
+def cell(value, fmt: str | None) -> str:
+    if value is None:
+        return "-"
+    return " / ".join(f"{v:.1f}" for v in value) if fmt is None else fmt.format(value)
 
 
 def parse_model(spec: str) -> tuple[str, str, int | None, dict]:
@@ -62,9 +75,26 @@ def markdown(results: dict[str, dict]) -> str:
     cols = [c for c in COLUMNS if any(c[0] in r for r in results.values())]
     lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for label, r in results.items():
-        cells = [c[2].format(r[c[0]]) if r.get(c[0]) is not None else "-" for c in cols]
+        cells = [cell(r.get(c[0]), c[2]) for c in cols]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def mean_over_draws(rows: list[dict]) -> dict:
+    """One model's metrics over its noise draws: the mean of every number, and with several draws each draw's
+    rFID as `rfid_draws`."""
+    if len(rows) == 1:
+        return rows[0]
+    out = {}
+    for k, v in rows[0].items():
+        values = [r[k] for r in rows]
+        if isinstance(v, float) or (isinstance(v, int) and len(set(values)) > 1):
+            out[k] = sum(float(x) for x in values) / len(values)
+        else:  # counts that every draw shares (num_images), and anything that is not a number
+            out[k] = v
+    if "rfid" in rows[0]:
+        out["rfid_draws"] = [float(r["rfid"]) for r in rows]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,8 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--picture-rows", type=int, default=6, help="images shown in OUT.png")
     parser.add_argument("--picture-size", type=int, default=192, help="side of each image in OUT.png")
     parser.add_argument("--seed", type=int, default=0, help="seed of the decoder noise")
+    parser.add_argument("--draws", type=int, default=1, help="decodes of each latent from independent noise; "
+                        ">= 2 reports the mean over draws, each draw's rFID and the spread")
     parser.add_argument("--out", required=True, help="output prefix: writes OUT.json, OUT.md, OUT.png")
     args = parser.parse_args(argv)
+    if args.draws < 1:
+        parser.error(f"--draws must be >= 1, got {args.draws}")
 
     models = [(label, DCSSDAE.from_pretrained(path).eval(), steps, path, settings)
               for label, path, steps, settings in args.model]
@@ -91,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     dm = ImageNetDataModule(val_shards=args.val_shards, train_shards="default", image_size=args.size,
                             val_batch_size=args.batch, num_workers=0)
     dm.setup("validate")
-    metrics: dict[str, ReconstructionMetrics] = {}
-    for label in [m[0] for m in models] + ["bicubic"]:  # one Inception and one set of ST-LPIPS networks for all
-        metrics[label] = ReconstructionMetrics(rfid=not args.no_rfid, lpips_variant=["stlpips_alex", "stlpips_vgg"],
-                                               share_networks=next(iter(metrics.values()), None))
-    shown: dict[str, list[torch.Tensor]] = {label: [] for label in ["input", *metrics]}
+    metrics: dict[tuple[str, int], ReconstructionMetrics] = {}  # (label, draw); bicubic has draw 0 only
+    for key in [(m[0], d) for m in models for d in range(args.draws)] + [("bicubic", 0)]:
+        metrics[key] = ReconstructionMetrics(rfid=not args.no_rfid, lpips_variant=["stlpips_alex", "stlpips_vgg"],
+                                             share_networks=next(iter(metrics.values()), None))  # one set of networks
+    spread = {label: 0.0 for label, *_ in models}
+    shown: dict[str, list[torch.Tensor]] = {label: [] for label in ["input", *(m[0] for m in models), "bicubic"]}
     seconds = {label: 0.0 for label, *_ in models}
     seen = 0
     with torch.no_grad():
@@ -105,28 +140,39 @@ def main(argv: list[str] | None = None) -> int:
                 x = x[: max(0, args.limit - seen)]
             if len(x) == 0:
                 break
-            generator = torch.Generator().manual_seed(args.seed + batch_idx)
-            noise = torch.randn(x.shape, generator=generator)
+            noises = [torch.randn(x.shape, generator=torch.Generator().manual_seed(args.seed + 1000 * d + batch_idx))
+                      for d in range(args.draws)]
             outputs = {}
             for label, ae, steps, _, settings in models:
                 start = time.perf_counter()
-                x_hat, nfe = ae.decode(ae.encode(x), noise=noise, steps=steps, return_nfe=True, **settings)
-                seconds[label] += time.perf_counter() - start
-                outputs[label] = x_hat.clamp(-1, 1)
-                metrics[label].update(outputs[label], x, nfe)
+                z = ae.encode(x)
+                draws = []
+                for d, noise in enumerate(noises):
+                    x_hat, nfe = ae.decode(z, noise=noise, steps=steps, return_nfe=True, **settings)
+                    draws.append(x_hat.clamp(-1, 1))
+                    metrics[label, d].update(draws[-1], x, nfe)
+                seconds[label] += (time.perf_counter() - start) / args.draws
+                outputs[label] = draws[0]
+                if args.draws > 1:  # per-pixel std over the draws in [0, 1] units, averaged per image, summed
+                    spread[label] += (torch.stack(draws).float() / 2).std(dim=0).flatten(1).mean(1).sum().item()
             outputs["bicubic"] = baseline("bicubic", x, first.latent_channels, first.downsample_factor)
-            metrics["bicubic"].update(outputs["bicubic"], x)
+            metrics["bicubic", 0].update(outputs["bicubic"], x)
             for label, images in [("input", x), *outputs.items()]:
                 shown[label].extend(images[: max(0, args.picture_rows - len(shown[label]))])
             seen += len(x)
             print(f"{seen} images", flush=True)
 
-    results = {label: m.compute() for label, m in metrics.items()}
+    results = {label: mean_over_draws([metrics[label, d].compute() for d in range(args.draws)])
+               for label, *_ in models}
+    results["bicubic"] = metrics["bicubic", 0].compute()
     for label, _, steps, path, settings in models:
         results[label].update(source=path, steps=steps, sampler_settings=settings,
                               seconds_per_image=seconds[label] / max(seen, 1))
+        if args.draws > 1:
+            results[label]["spread"] = spread[label] / max(seen, 1)
     out = Path(args.out)
-    write_json({"val_shards": args.val_shards, "size": args.size, "seed": args.seed, "models": results},
+    write_json({"val_shards": args.val_shards, "size": args.size, "seed": args.seed, "draws": args.draws,
+                "models": results},
                out.with_suffix(".json"))
     table = markdown(results)
     out.with_suffix(".md").write_text(table + "\n")

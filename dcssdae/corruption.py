@@ -75,7 +75,7 @@ class EquilibriumMatching:
 
     name = "eqm"
     time_conditioned = False
-    training_only = ("noise_power",)  # settings that only choose training levels: the network means the same
+    training_only = ("noise_power", "uniform_fraction")  # settings that only choose training levels
 
     def __init__(
         self,
@@ -85,6 +85,7 @@ class EquilibriumMatching:
         b: float = 1.4,
         parameterization: Literal["denoiser", "field", "gated"] = "denoiser",
         noise_power: float = 1.0,
+        uniform_fraction: float = 0.0,
     ):
         """
         Args:
@@ -113,6 +114,9 @@ class EquilibriumMatching:
                 measured in the README). Too few levels near the data and the sampler stops sampling: at p = 0.33
                 the quick-start's 16-step decodes of one z differ by 0.0002 (pixel std over noise draws, in [0, 1])
                 against 0.020 at p = 0.5 and 0.033 at p = 1.
+            uniform_fraction: the fraction of training levels drawn from the paper's gamma ~ U[0, 1) instead of
+                1 - u^p (a mixture; 0 = all from u^p): with p < 1 it keeps some levels near the data, where the
+                sampler's last steps evaluate the network.
         """
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"unknown EqM parameterization {parameterization!r}; known: "
@@ -129,18 +133,28 @@ class EquilibriumMatching:
         if not noise_power > 0:
             raise ValueError(f"EqM noise_power must be > 0, got {noise_power}")
         self.decay, self.multiplier, self.a, self.b = decay, multiplier, float(a), float(b)
-        self.noise_power = float(noise_power)
+        if not 0.0 <= uniform_fraction <= 1.0:
+            raise ValueError(f"EqM uniform_fraction must lie in [0, 1], got {uniform_fraction}")
+        self.noise_power, self.uniform_fraction = float(noise_power), float(uniform_fraction)
         self.parameterization = parameterization
 
     def __repr__(self) -> str:
         return (f"EquilibriumMatching(decay={self.decay!r}, multiplier={self.multiplier}, a={self.a}, b={self.b}, "
-                f"parameterization={self.parameterization!r}, noise_power={self.noise_power})")
+                f"parameterization={self.parameterization!r}, noise_power={self.noise_power}, "
+                f"uniform_fraction={self.uniform_fraction})")
 
     def sample_level(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """gamma = 1 - u^noise_power, u ~ U[0, 1) (gamma ~ U[0, 1) itself for the default power 1), one per sample:
-        shape (B,), float32."""
+        """gamma = 1 - u^noise_power, u ~ U[0, 1) (gamma ~ U[0, 1) itself for the default power 1), one per sample,
+        or with probability `uniform_fraction` gamma ~ U[0, 1): shape (B,), float32."""
         u = torch.rand(x.shape[0], generator=generator, device=x.device)
-        return u if self.noise_power == 1.0 else 1 - u.pow(self.noise_power)
+        if self.noise_power == 1.0:
+            return u
+        gamma = 1 - u.pow(self.noise_power)
+        if self.uniform_fraction > 0:
+            uniform = torch.rand(x.shape[0], generator=generator, device=x.device)
+            pick = torch.rand(x.shape[0], generator=generator, device=x.device) < self.uniform_fraction
+            gamma = torch.where(pick, uniform, gamma)
+        return gamma
 
     def c(self, gamma: torch.Tensor | float) -> torch.Tensor:
         """The decay c(gamma) >= 0, with c(1) = 0."""

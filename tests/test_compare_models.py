@@ -57,6 +57,39 @@ def test_scores_models_with_their_settings_beside_bicubic(compare, tiny_cli, tmp
     assert out.with_suffix(".png").is_file()
 
 
+def test_draws_average_the_metrics_and_measure_the_spread(compare, tiny_cli, tmp_path):
+    """--draws 3: each latent decoded from 3 noise draws; metrics are the means, rFID per draw is kept, and the
+    spread is the per-pixel std over the draws: 0 for a decoder whose output ignores the noise (the out conv is zero at
+    init), > 0 once it does not. Draw 0 is the single-draw run's decode."""
+    from dcssdae.autoencoder import DCSSDAE
+    from dcssdae.export import write_export
+
+    torch.manual_seed(0)
+    flat = write_export(DCSSDAE(encoder="tiny-f8c4", decoder="tiny"), tmp_path / "flat")
+    model = DCSSDAE(encoder="tiny-f8c4", decoder="tiny")
+    torch.nn.init.normal_(model.decoder.out_conv.weight, std=0.1)
+    noisy = write_export(model, tmp_path / "noisy")
+    common = ["--size", "64", "--batch", "3", "--limit", "3", "--picture-size", "32"]
+    out, single = tmp_path / "draws", tmp_path / "single"
+    assert compare.main(["--model", f"flat={flat}@2", "--model", f"noisy={noisy}@2", "--draws", "3",
+                         *common, "--out", str(out)]) == 0
+    assert compare.main(["--model", f"noisy={noisy}@2", "--no-rfid", *common, "--out", str(single)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    models = data["models"]
+    assert data["draws"] == 3 and models["noisy"]["num_images"] == 3
+    assert models["flat"]["spread"] == pytest.approx(0.0, abs=1e-6)
+    assert models["noisy"]["spread"] > 1e-3
+    assert len(models["noisy"]["rfid_draws"]) == 3
+    assert models["noisy"]["rfid"] == pytest.approx(sum(models["noisy"]["rfid_draws"]) / 3)
+    assert "spread" not in models["bicubic"] and "rfid_draws" not in models["bicubic"]
+    first = json.loads(single.with_suffix(".json").read_text())["models"]["noisy"]
+    assert models["noisy"]["psnr"] != pytest.approx(first["psnr"], abs=1e-6)  # a mean over draws, not draw 0
+    table = out.with_suffix(".md").read_text()
+    assert "| rFID per draw | spread over draws |" in table
+    with pytest.raises(SystemExit):
+        compare.main(["--model", f"flat={flat}", "--draws", "0", *common, "--out", str(out)])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # benchmarks/denoiser_levels.py: the one-step estimate at fixed noise levels.
 

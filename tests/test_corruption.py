@@ -137,6 +137,25 @@ def test_eqm_noise_power_draws_levels_near_the_data_or_near_the_noise():
         EquilibriumMatching(noise_power=0.0)
 
 
+def test_eqm_uniform_fraction_mixes_the_paper_levels_back_in():
+    """With probability f, gamma ~ U[0, 1) instead of 1 - u^p: P(1 - gamma < q) = f q + (1 - f) q^(1/p), which keeps
+    levels near the data that p < 1 alone almost never draws. It only chooses training levels (`training_only`)."""
+    x = torch.zeros(40000, 1)
+    p, f = 0.4, 0.1
+    eqm = EquilibriumMatching(noise_power=p, uniform_fraction=f)
+    gamma = eqm.sample_level(x, torch.Generator().manual_seed(0))
+    assert ((gamma >= 0) & (gamma <= 1)).all()
+    for q in (0.2, 0.5):
+        assert (1 - gamma < q).float().mean().item() == pytest.approx(f * q + (1 - f) * q ** (1 / p), abs=0.01)
+    alone = EquilibriumMatching(noise_power=p).sample_level(x, torch.Generator().manual_seed(0))
+    assert (1 - alone < 0.2).float().mean().item() < 0.5 * (1 - gamma < 0.2).float().mean().item()
+    assert build_corruption(corruption_config(eqm)).uniform_fraction == f
+    assert "uniform_fraction" in EquilibriumMatching.training_only
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="uniform_fraction must lie in"):
+            EquilibriumMatching(noise_power=p, uniform_fraction=bad)
+
+
 def test_loss_is_per_sample_mse():
     x, noise = _batch()
     eqm = EquilibriumMatching()
