@@ -7,7 +7,8 @@
 
 Each `--model LABEL=PATH[@STEPS]` is a `.ckpt` from `dcssdae fit` (its EMA weights) or an export folder, decoded with
 its configured sampler (`@STEPS` replaces the number of steps; `@1` alone is the one-step decoder; `@8,power=3`
-also replaces sampler settings). Every model sees the same images and the same decoder noise (fixed seed). The
+also replaces sampler settings; `tile=128` and `overlap=64` among them evaluate the encoder and each decoder network
+call on overlapping tiles instead, `DCSSDAE.enable_tiling`). Every model sees the same images and the same decoder noise (fixed seed). The
 baseline is bicubic resampling at the first model's latent budget (`dcssdae.baselines`). Writes OUT.json (every
 metric, per model), OUT.md (a Markdown table) and OUT.png (rows: images; columns: input, each model, bicubic).
 
@@ -117,8 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.draws < 1:
         parser.error(f"--draws must be >= 1, got {args.draws}")
 
-    models = [(label, DCSSDAE.from_pretrained(path).eval(), steps, path, settings)
-              for label, path, steps, settings in args.model]
+    models, tilings = [], {}
+    for label, path, steps, settings in args.model:
+        ae = DCSSDAE.from_pretrained(path).eval()
+        tiling = {key: settings.pop(key) for key in ("tile", "overlap") if key in settings}
+        if tiling:
+            ae.enable_tiling(**tiling)
+            tilings[label] = tiling
+        models.append((label, ae, steps, path, settings))
     for label, ae, steps, _, settings in models:  # an unknown setting fails here, before any image is decoded
         ae.sampler_settings(steps, **settings)
     first = models[0][1]
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                for label, *_ in models}
     results["bicubic"] = metrics["bicubic", 0].compute()
     for label, _, steps, path, settings in models:
-        results[label].update(source=path, steps=steps, sampler_settings=settings,
+        results[label].update(source=path, steps=steps, sampler_settings=settings, tiling=tilings.get(label),
                               seconds_per_image=seconds[label] / max(seen, 1))
         if args.draws > 1:
             results[label]["spread"] = spread[label] / max(seen, 1)

@@ -23,8 +23,9 @@ move (on the exact field of a Gaussian with std 0.3 the output spread is 0.001 a
 0.21 after 32 constant steps). The step-size schedule `noise` (default of gd / nesterov / adaptive) keeps part of
 the noise at every step: on t_k = (1 - k/N)^power, eta_k = (1 - t_{k+1}/t_k) * s(1 - t_k), the DDIM / Euler update
 (see `gradient_descent`); s = `step_to_data` (the corruption's (1 - gamma) / c(gamma), which `DCSSDAE.decode`
-passes) or eta. On the same Gaussian: spread 0.25 / 0.27 / 0.29 after 4 / 8 / 16 steps (power 2). `constant` keeps
-eta at every step (the EqM paper: eta = 0.0017 and hundreds of steps).
+passes) or eta. On the same Gaussian: spread 0.25 / 0.27 / 0.29 after 4 / 8 / 16 steps (power 2). `t_min` puts a
+floor under the evaluated levels (`noise_grid`; the last step jumps from there to the one-step estimate). `constant`
+keeps eta at every step (the EqM paper: eta = 0.0017 and hundreds of steps).
 """
 
 import inspect
@@ -91,11 +92,19 @@ SCHEDULES = ("constant", "noise")
 
 
 def noise_grid(steps: int, power: float = 2.0, device: torch.device | None = None,
-               dtype: torch.dtype = torch.float32) -> Tensor:
-    """Remaining-noise fractions t_k = (1 - k/N)^power, k = 0..N: t_0 = 1 (pure noise), t_N = 0 (the data)."""
+               dtype: torch.dtype = torch.float32, t_min: float = 0.0) -> Tensor:
+    """Remaining-noise fractions t_k = t_min + (1 - t_min) (1 - k/N)^power for k = 0..N-1 and t_N = 0: t_0 = 1 (pure
+    noise), t_N = 0 (the data). `t_min` > 0 is a floor under the levels the network is evaluated at (the last one
+    is t_min + (1 - t_min) / N^power), from which the last step jumps to the one-step estimate, as the grids of
+    Karras et al. 2022 (sigma_min, then 0) do."""
     if not power > 0:
         raise ValueError(f"power must be > 0, got {power}")
-    return torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64).pow(power).to(dtype)
+    if not 0.0 <= t_min < 1.0:
+        raise ValueError(f"t_min must lie in [0, 1), got {t_min}")
+    t = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64).pow(power)
+    t = t_min + (1 - t_min) * t
+    t[-1] = 0.0
+    return t.to(dtype)
 
 
 def _data_step(step_to_data: Callable | None, eta: Tensor, gamma: Tensor) -> Tensor:
@@ -109,19 +118,21 @@ def _data_step(step_to_data: Callable | None, eta: Tensor, gamma: Tensor) -> Ten
 
 
 def step_sizes(schedule: str, steps: int, eta: Tensor, power: float = 2.0,
-               step_to_data: Callable | None = None) -> list[tuple[Tensor, Tensor]]:
+               step_to_data: Callable | None = None, t_min: float = 0.0) -> list[tuple[Tensor, Tensor]]:
     """[(eta_k, s_k)] for k = 0..steps-1, each a (B,) tensor: the step size and the step to the data s(gamma_k).
 
     `constant`: eta_k = eta, and s_k = s(0) (= 1 / c(0)) when `step_to_data` is given, else eta.
-    `noise`: t_k = `noise_grid(steps, power)`, gamma_k = 1 - t_k, s_k = s(gamma_k) (eta when `step_to_data` is None,
+    `noise`: t_k = `noise_grid(steps, power, t_min=t_min)`, gamma_k = 1 - t_k, s_k = s(gamma_k) (eta when `step_to_data` is None,
     exact for the linear decay where s = 1 / lambda) and eta_k = (1 - t_{k+1} / t_k) * s_k.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
     if schedule == "constant":
+        if t_min:
+            raise ValueError(f"t_min={t_min} needs schedule='noise' (the constant schedule has no noise grid)")
         s = _data_step(step_to_data, eta, torch.tensor(0.0, dtype=torch.float64))
         return [(eta, s)] * steps
-    t = noise_grid(steps, power, dtype=torch.float64)
+    t = noise_grid(steps, power, dtype=torch.float64, t_min=t_min)
     out = []
     for t_k, t_next in itertools.pairwise(t):
         s = _data_step(step_to_data, eta, 1 - t_k)
@@ -143,6 +154,7 @@ def gradient_descent(
     schedule: Schedule = "noise",
     power: float = 2.0,
     step_to_data: Callable | None = None,
+    t_min: float = 0.0,
 ):
     """x_{k+1} = x_k - eta_k * f(x_k), `steps` times from x_0 = noise, eta_k from `step_sizes(schedule, ...)`.
 
@@ -163,7 +175,7 @@ def gradient_descent(
     """
     steps, eta = _check_steps(steps), _step_size(eta, noise)
     x = noise
-    for eta_k, _ in step_sizes(schedule, steps, eta, power, step_to_data):
+    for eta_k, _ in step_sizes(schedule, steps, eta, power, step_to_data, t_min):
         x = x - _bcast(eta_k, x) * _evaluate(fn, x, context)
     return x, _nfe(noise, steps)
 
@@ -184,6 +196,7 @@ def nesterov(
     schedule: Schedule = "noise",
     power: float = 2.0,
     step_to_data: Callable | None = None,
+    t_min: float = 0.0,
 ):
     """Accelerated descent with momentum mu in [0, 1); one evaluation per step.
 
@@ -211,8 +224,8 @@ def nesterov(
         raise ValueError(f"mu must lie in [0, 1), got {mu}")
     if form not in ("standard", "eqm"):
         raise ValueError(f"unknown nesterov form {form!r}; known: standard, eqm")
-    sizes = step_sizes(schedule, steps, eta, power, step_to_data)
-    t = noise_grid(steps, power, dtype=torch.float64) if schedule == "noise" else None
+    sizes = step_sizes(schedule, steps, eta, power, step_to_data, t_min)
+    t = noise_grid(steps, power, dtype=torch.float64, t_min=t_min) if schedule == "noise" else None
     x = x_prev = noise
     for k, (eta_k, _) in enumerate(sizes):
         mu_k = mu
@@ -242,6 +255,7 @@ def adaptive(
     schedule: Schedule = "noise",
     power: float = 2.0,
     step_to_data: Callable | None = None,
+    t_min: float = 0.0,
 ):
     """`gd` on the schedule of `max_steps` steps, stopping each sample once its one-step estimate has settled.
 
@@ -265,7 +279,7 @@ def adaptive(
     x0_prev = torch.zeros_like(noise)
     active = torch.arange(noise.shape[0], device=noise.device)
     r_prev = None
-    for k, (eta_k, s_k) in enumerate(step_sizes(schedule, max_steps, eta, power, step_to_data)):
+    for k, (eta_k, s_k) in enumerate(step_sizes(schedule, max_steps, eta, power, step_to_data, t_min)):
         x_active = x.index_select(0, active)
         g = _evaluate(fn, x_active, [c.index_select(0, active) for c in context])
         nfe = nfe.index_add(0, active, torch.ones_like(active))

@@ -43,13 +43,20 @@ def test_scores_models_with_their_settings_beside_bicubic(compare, tiny_cli, tmp
     folder = write_export(model, tmp_path / "model")
     out = tmp_path / "cmp"
     rc = compare.main(["--model", f"two steps={folder}@2", "--model", f"power 3={folder}@2,power=3",
-                       "--model", f"one step={folder}@1", "--size", "64", "--batch", "3", "--limit", "3",
+                       "--model", f"one step={folder}@1", "--model", f"tiled={folder}@2,tile=32,overlap=16",
+                       "--size", "64", "--batch", "3", "--limit", "3",
                        "--no-rfid", "--picture-size", "32", "--out", str(out)])
     assert rc == 0
     models = json.loads(out.with_suffix(".json").read_text())["models"]
-    assert list(models) == ["two steps", "power 3", "one step", "bicubic"]
-    assert [models[k]["nfe"] for k in ("two steps", "power 3", "one step")] == [2, 2, 1]
+    assert list(models) == ["two steps", "power 3", "one step", "tiled", "bicubic"]
+    assert [models[k]["nfe"] for k in ("two steps", "power 3", "one step", "tiled")] == [2, 2, 1, 2]
     assert models["power 3"]["sampler_settings"] == {"power": 3}
+    # tile / overlap switch on tiled evaluation (DCSSDAE.enable_tiling) instead of reaching the sampler; tiles see
+    # only their own pixels (the decoder's attention and the encoder's), so the image changes a little
+    assert models["tiled"]["sampler_settings"] == {} and models["tiled"]["tiling"] == {"tile": 32, "overlap": 16}
+    assert models["two steps"]["tiling"] is None
+    assert models["tiled"]["psnr"] != pytest.approx(models["two steps"]["psnr"], abs=1e-6)
+    assert models["tiled"]["psnr"] == pytest.approx(models["two steps"]["psnr"], abs=1.0)
     assert all(models[k]["num_images"] == 3 for k in models)
     # A different noise schedule gives a different image from the same noise: the setting reached the sampler.
     assert models["power 3"]["psnr"] != pytest.approx(models["two steps"]["psnr"], abs=1e-6)
