@@ -8,8 +8,8 @@
 Each `--model LABEL=PATH[@STEPS]` is a `.ckpt` from `dcssdae fit` (its EMA weights) or an export folder, decoded with
 its configured sampler (`@STEPS` replaces the number of steps; `@1` alone is the one-step decoder; `@8,power=3`
 also replaces sampler settings; `tile=128` and `overlap=64` among them evaluate the encoder and each decoder network
-call on overlapping tiles instead, `DCSSDAE.enable_tiling`). Every model sees the same images and the same decoder noise (fixed seed). The
-baseline is bicubic resampling at the first model's latent budget (`dcssdae.baselines`). Writes OUT.json (every
+call on overlapping tiles instead, `DCSSDAE.enable_tiling`). Every model sees the same images and the same decoder
+noise (fixed seed). The baseline is bicubic resampling at the first model's latent budget (`dcssdae.baselines`). Writes OUT.json (every
 metric, per model), OUT.md (a Markdown table) and OUT.png (rows: images; columns: input, each model, bicubic).
 
 With `--draws N` (N >= 2) every model decodes each latent N times from independent noise (draw d uses seed

@@ -122,8 +122,8 @@ def step_sizes(schedule: str, steps: int, eta: Tensor, power: float = 2.0,
     """[(eta_k, s_k)] for k = 0..steps-1, each a (B,) tensor: the step size and the step to the data s(gamma_k).
 
     `constant`: eta_k = eta, and s_k = s(0) (= 1 / c(0)) when `step_to_data` is given, else eta.
-    `noise`: t_k = `noise_grid(steps, power, t_min=t_min)`, gamma_k = 1 - t_k, s_k = s(gamma_k) (eta when `step_to_data` is None,
-    exact for the linear decay where s = 1 / lambda) and eta_k = (1 - t_{k+1} / t_k) * s_k.
+    `noise`: t_k = `noise_grid(steps, power, t_min=t_min)`, gamma_k = 1 - t_k, s_k = s(gamma_k) (eta when
+    `step_to_data` is None, exact for the linear decay where s = 1 / lambda) and eta_k = (1 - t_{k+1} / t_k) * s_k.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
