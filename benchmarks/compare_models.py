@@ -9,8 +9,9 @@ Each `--model LABEL=PATH[@STEPS]` is a `.ckpt` from `dcssdae fit` (its EMA weigh
 its configured sampler (`@STEPS` replaces the number of steps; `@1` alone is the one-step decoder; `@8,power=3`
 also replaces sampler settings; `tile=128` and `overlap=64` among them evaluate the encoder and each decoder network
 call on overlapping tiles instead, `DCSSDAE.enable_tiling`). Every model sees the same images and the same decoder
-noise (fixed seed). The baseline is bicubic resampling at the first model's latent budget (`dcssdae.baselines`). Writes OUT.json (every
-metric, per model), OUT.md (a Markdown table) and OUT.png (rows: images; columns: input, each model, bicubic).
+noise (fixed seed). The baseline is bicubic resampling at the first model's latent budget (`dcssdae.baselines`).
+Writes OUT.json (every metric, per model), OUT.md (a Markdown table) and OUT.png (rows: images; columns: input, each
+model, bicubic).
 
 With `--draws N` (N >= 2) every model decodes each latent N times from independent noise (draw d uses seed
 SEED + 1000 d + batch): its metrics are the means over the draws (rFID on a few images moves by 10 or more from one
@@ -22,6 +23,7 @@ draw 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -118,13 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.draws < 1:
         parser.error(f"--draws must be >= 1, got {args.draws}")
 
-    models, tilings = [], {}
+    models = []
     for label, path, steps, settings in args.model:
         ae = DCSSDAE.from_pretrained(path).eval()
         tiling = {key: settings.pop(key) for key in ("tile", "overlap") if key in settings}
         if tiling:
             ae.enable_tiling(**tiling)
-            tilings[label] = tiling
         models.append((label, ae, steps, path, settings))
     for label, ae, steps, _, settings in models:  # an unknown setting fails here, before any image is decoded
         ae.sampler_settings(steps, **settings)
@@ -172,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {label: mean_over_draws([metrics[label, d].compute() for d in range(args.draws)])
                for label, *_ in models}
     results["bicubic"] = metrics["bicubic", 0].compute()
-    for label, _, steps, path, settings in models:
-        results[label].update(source=path, steps=steps, sampler_settings=settings, tiling=tilings.get(label),
+    for label, ae, steps, path, settings in models:
+        results[label].update(source=path, steps=steps, sampler_settings=settings,
+                              tiling=dataclasses.asdict(ae.tiling) if ae.tiling else None,
                               seconds_per_image=seconds[label] / max(seen, 1))
         if args.draws > 1:
             results[label]["spread"] = spread[label] / max(seen, 1)
