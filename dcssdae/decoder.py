@@ -621,6 +621,7 @@ class UViTDecoder(nn.Module):
         norm_groups: int = 32,
         time_conditioned: bool = False,
         attention_backend: str = "auto",
+        latent_skip: bool = False,
     ):
         """
         Args:
@@ -641,6 +642,10 @@ class UViTDecoder(nn.Module):
             attention_backend: "auto" (flex on CUDA, blocked elsewhere), "sdpa" (dense shared bias, any device;
                 the reference), "blocked" (query tiles against their key halo, any device, nothing N x N) or
                 "flex" (FlexAttention block mask + score_mod; compiled on CUDA, forward-only elsewhere).
+            latent_skip: add a learned linear map of z (1x1 conv to the image channels, zero at init, upsampled
+                bilinearly) to the image channels of the prediction: a direct path for the low frequencies, the
+                decoder-side counterpart of DC-AE's residual shortcuts (Chen et al. 2025, Sec. 3.2). Not in SSDD
+                (False in every preset); the CPU quick-start uses it (README, "Latent skip").
         """
         super().__init__()
         if len(channel_mult) != 4:
@@ -699,6 +704,7 @@ class UViTDecoder(nn.Module):
         self.out_norm = nn.GroupNorm(norm_groups, c0, eps=1e-6)
         self.out_channels = image_channels + extra_out_channels
         self.out_conv = _zero_(nn.Conv2d(c0, self.out_channels, 3, padding=1))  # prediction starts at 0
+        self.latent_skip = _zero_(nn.Conv2d(latent_channels, image_channels, 1)) if latent_skip else None
 
         # Implementation switch, not part of the model (same function either way, see tests/test_decoder.py):
         # run the conv levels channels-last (oneDNN / cuDNN convolutions are about 2x faster so on the CPU).
@@ -800,6 +806,9 @@ class UViTDecoder(nn.Module):
         norm = self.out_norm
         h = _group_norm(h, norm.num_groups, norm.eps, norm.weight, norm.bias)
         pred = self.out_conv(F.silu(h)).contiguous()  # (B, out_channels, H, W), NCHW
+        if self.latent_skip is not None:
+            low = F.interpolate(self.latent_skip(z), size=x_t.shape[-2:], mode="bilinear", align_corners=False)
+            pred = torch.cat([pred[:, : self.image_channels] + low, pred[:, self.image_channels:]], 1).contiguous()
         return pred if return_tokens_at is None else (pred, tokens)
 
 

@@ -96,6 +96,27 @@ def test_prediction_depends_on_z():
     assert (dec(x_t, z) - dec(x_t, z + 1)).abs().mean() > 1e-4
 
 
+def test_latent_skip_adds_a_linear_map_of_z_upsampled():
+    """latent_skip: the image channels of the prediction get conv1x1(z) upsampled bilinearly; zero at init, linear
+    in z, and the network part is unchanged (same weights give the same prediction minus the skip)."""
+    plain, skip = _tiny(), _tiny(latent_skip=True)
+    x_t, z = _inputs(2, 64, 16)
+    assert skip(x_t, z).abs().max() == 0  # both parts start at zero
+    skip.load_state_dict(_randomize_(plain).state_dict(), strict=False)
+    with torch.no_grad():
+        skip.latent_skip.weight.normal_()
+        skip.latent_skip.bias.normal_()
+    low = torch.nn.functional.interpolate(skip.latent_skip(z), size=(64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(skip(x_t, z), plain(x_t, z) + low)
+    assert low[:, :, :16, :16].std() > 0.1  # the skip varies over the image (not a constant colour)
+    with torch.no_grad():
+        plain.out_conv.weight.zero_(), plain.out_conv.bias.zero_()
+        skip.out_conv.weight.zero_(), skip.out_conv.bias.zero_()
+    torch.testing.assert_close(skip(x_t, 2 * z) - skip.latent_skip.bias[:, None, None],
+                               2 * (skip(x_t, z) - skip.latent_skip.bias[:, None, None]))  # linear in z
+    assert sum(p.numel() for p in skip.parameters()) - sum(p.numel() for p in plain.parameters()) == 8 * 3 + 3
+
+
 @pytest.mark.parametrize(
     "kwargs,x_shape,z_shape,match",
     [
@@ -259,9 +280,10 @@ def test_bf16_autocast_forward_backward_is_finite():
     assert all(torch.isfinite(p.grad).all() for p in dec.parameters())
 
 
-def test_zero_init_does_not_block_learning():
+@pytest.mark.parametrize("latent_skip", [False, True])
+def test_zero_init_does_not_block_learning(latent_skip):
     """From the zero-initialised outputs, four backward passes (three SGD steps) reach every parameter."""
-    dec = _tiny(time_conditioned=True)
+    dec = _tiny(time_conditioned=True, latent_skip=latent_skip)
     opt = torch.optim.SGD(dec.parameters(), lr=0.1)
     x_t, z = _inputs(2, 64, 16)
     target = torch.randn_like(x_t)
@@ -449,7 +471,7 @@ def _count_lean_calls(monkeypatch):
     ],
 )
 def test_lean_path_matches_reference(monkeypatch, side, width, f, batch, min_pixels, stripe_rows):
-    ref, lean = _reference_and_lean(min_pixels, stripe_rows, time_conditioned=True)
+    ref, lean = _reference_and_lean(min_pixels, stripe_rows, time_conditioned=True, latent_skip=f == 16)
     x_t, z = _inputs(batch, side, f, width=width)
     t = torch.rand(batch)
     inputs = (x_t.clone(), z.clone())
