@@ -18,6 +18,10 @@ SEED + 1000 d + batch): its metrics are the means over the draws (rFID on a few 
 noise draw to the next), the rFID of each draw is kept, and `spread` is the per-pixel standard deviation over the
 draws ([0, 1] units, averaged over pixels and images): near 0 for a decoder that no longer samples. The picture shows
 draw 0.
+
+`--low-pass-oracle` adds, for every model, the row "LABEL + input low-pass": each decode with its low frequencies
+(its bicubic resampling at the latent budget) replaced by the input's (`swap_low_pass`). Not a decoder (it reads
+the input): it measures how much of a model's gap comes from low frequencies (colour, tone) rather than detail.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import yaml
 from PIL import Image
 
 from dcssdae.autoencoder import DCSSDAE
-from dcssdae.baselines import baseline
+from dcssdae.baselines import baseline, bicubic_resample
 from dcssdae.data import ImageNetDataModule
 from dcssdae.files import write_json
 from dcssdae.metrics import ReconstructionMetrics, format_table, quantize_uint8
@@ -44,6 +48,13 @@ COLUMNS = [("num_images", "images", "{:d}"), ("nfe", "NFE", "{:.0f}"), ("psnr", 
            ("stlpips_vgg", "ST-LPIPS VGG", "{:.3f}"), ("stlpips", "ST-LPIPS mean", "{:.3f}"),
            ("rfid", "rFID (relative)", "{:.1f}"), ("rfid_draws", "rFID per draw", None),
            ("spread", "spread over draws", "{:.4f}")]
+
+
+def swap_low_pass(x_hat: torch.Tensor, x: torch.Tensor, latent_channels: int, downsample_factor: int) -> torch.Tensor:
+    """x_hat with its low frequencies (bicubic resampling at the latent budget) replaced by those of x, clamped."""
+    def low(y):
+        return bicubic_resample(y, latent_channels, downsample_factor)
+    return (x_hat - low(x_hat) + low(x)).clamp(-1, 1)
 
 
 def cell(value, fmt: str | None) -> str:
@@ -115,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the decoder noise")
     parser.add_argument("--draws", type=int, default=1, help="decodes of each latent from independent noise; "
                         ">= 2 reports the mean over draws, each draw's rFID and the spread")
+    parser.add_argument("--low-pass-oracle", action="store_true", help="also score each decode with the input's "
+                        "low frequencies swapped in (a diagnostic, not a decoder)")
     parser.add_argument("--out", required=True, help="output prefix: writes OUT.json, OUT.md, OUT.png")
     args = parser.parse_args(argv)
     if args.draws < 1:
@@ -133,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     dm = ImageNetDataModule(val_shards=args.val_shards, train_shards="default", image_size=args.size,
                             val_batch_size=args.batch, num_workers=0)
     dm.setup("validate")
+    oracle = {m[0]: f"{m[0]} + input low-pass" for m in models} if args.low_pass_oracle else {}
     metrics: dict[tuple[str, int], ReconstructionMetrics] = {}  # (label, draw); bicubic has draw 0 only
-    for key in [(m[0], d) for m in models for d in range(args.draws)] + [("bicubic", 0)]:
+    labels = [m[0] for m in models] + list(oracle.values())
+    for key in [(label, d) for label in labels for d in range(args.draws)] + [("bicubic", 0)]:
         metrics[key] = ReconstructionMetrics(rfid=not args.no_rfid, lpips_variant=["stlpips_alex", "stlpips_vgg"],
                                              share_networks=next(iter(metrics.values()), None))  # one set of networks
     spread = {label: 0.0 for label, *_ in models}
@@ -159,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                     x_hat, nfe = ae.decode(z, noise=noise, steps=steps, return_nfe=True, **settings)
                     draws.append(x_hat.clamp(-1, 1))
                     metrics[label, d].update(draws[-1], x, nfe)
+                    if oracle:
+                        swapped = swap_low_pass(draws[-1], x, ae.latent_channels, ae.downsample_factor)
+                        metrics[oracle[label], d].update(swapped, x, nfe)
                 seconds[label] += (time.perf_counter() - start) / args.draws
                 outputs[label] = draws[0]
                 if args.draws > 1:  # per-pixel std over the draws in [0, 1] units, averaged per image, summed
@@ -172,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {label: mean_over_draws([metrics[label, d].compute() for d in range(args.draws)])
                for label, *_ in models}
+    for label, name in oracle.items():
+        results[name] = mean_over_draws([metrics[name, d].compute() for d in range(args.draws)])
+        results[name]["oracle_of"] = label
     results["bicubic"] = metrics["bicubic", 0].compute()
     for label, ae, steps, path, settings in models:
         results[label].update(source=path, steps=steps, sampler_settings=settings,

@@ -33,6 +33,17 @@ def test_model_spec_reads_steps_and_sampler_settings(compare):
             compare.parse_model(bad)
 
 
+def test_low_pass_swap_keeps_the_detail_and_takes_the_inputs_low_frequencies(compare):
+    """A constant offset is all low frequency: the swap removes it exactly; the input itself is left unchanged, and
+    the detail a decode adds above the budget's frequencies is kept."""
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+    torch.testing.assert_close(compare.swap_low_pass(x + 0.1, x, 4, 8), x)
+    torch.testing.assert_close(compare.swap_low_pass(x, x, 4, 8), x)
+    checker = 0.1 * (torch.arange(64)[:, None] + torch.arange(64)).remainder(2).mul(2).sub(1).float()
+    y = compare.swap_low_pass(torch.zeros_like(x) + checker, x, 4, 8)  # pixel-scale detail on no content
+    torch.testing.assert_close(y - compare.bicubic_resample(x, 4, 8), checker.expand_as(y), atol=0.02, rtol=0)
+
+
 def test_scores_models_with_their_settings_beside_bicubic(compare, tiny_cli, tmp_path):
     from dcssdae.autoencoder import DCSSDAE
     from dcssdae.export import write_export
@@ -45,10 +56,13 @@ def test_scores_models_with_their_settings_beside_bicubic(compare, tiny_cli, tmp
     rc = compare.main(["--model", f"two steps={folder}@2", "--model", f"power 3={folder}@2,power=3",
                        "--model", f"one step={folder}@1", "--model", f"tiled={folder}@2,tile=32,overlap=16",
                        "--size", "64", "--batch", "3", "--limit", "3",
-                       "--no-rfid", "--picture-size", "32", "--out", str(out)])
+                       "--no-rfid", "--picture-size", "32", "--low-pass-oracle", "--out", str(out)])
     assert rc == 0
     models = json.loads(out.with_suffix(".json").read_text())["models"]
-    assert list(models) == ["two steps", "power 3", "one step", "tiled", "bicubic"]
+    oracles = [f"{k} + input low-pass" for k in ("two steps", "power 3", "one step", "tiled")]
+    assert list(models) == ["two steps", "power 3", "one step", "tiled", *oracles, "bicubic"]
+    assert models[oracles[0]]["oracle_of"] == "two steps" and models[oracles[0]]["nfe"] == 2
+    assert models[oracles[0]]["psnr"] > models["two steps"]["psnr"] + 3  # a random decoder: its low-pass is wrong
     assert [models[k]["nfe"] for k in ("two steps", "power 3", "one step", "tiled")] == [2, 2, 1, 2]
     assert models["power 3"]["sampler_settings"] == {"power": 3}
     # tile / overlap switch on tiled evaluation (DCSSDAE.enable_tiling) instead of reaching the sampler; tiles see
