@@ -26,6 +26,13 @@ the noise at every step: on t_k = (1 - k/N)^power, eta_k = (1 - t_{k+1}/t_k) * s
 passes) or eta. On the same Gaussian: spread 0.25 / 0.27 / 0.29 after 4 / 8 / 16 steps (power 2). `t_min` puts a
 floor under the evaluated levels (`noise_grid`; the last step jumps from there to the one-step estimate). `constant`
 keeps eta at every step (the EqM paper: eta = 0.0017 and hundreds of steps).
+
+`anchor` (gd / nesterov / adaptive; 0 = off) samples only the fine scales: the first evaluation, at pure noise, gives
+the one-step estimate, the posterior mean E[x | z]; at every later step the coarse part of the estimate x0_hat (its
+bicubic resampling `anchor` times smaller) is replaced by the first estimate's, as ILVR conditions a sampler on a
+reference image's low frequencies (Choi et al. 2021, Eq. 6-7), here the model's own mean. For an under-trained
+decoder whose samples drift at coarse scales (colour, tone, shading) where z already fixes the image; see
+`gradient_descent`.
 """
 
 import inspect
@@ -81,6 +88,34 @@ def _evaluate(fn: Callable, x: Tensor, context: Sequence[Tensor], *extra) -> Ten
 
 def _nfe(noise: Tensor, count: int) -> Tensor:
     return torch.full((noise.shape[0],), count, dtype=torch.long, device=noise.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Anchoring the coarse scales to the first estimate (ILVR, Choi et al. 2021, Eq. 6-7, with the posterior mean as the
+# reference image).
+
+
+def _check_anchor(anchor: float, noise: Tensor) -> float:
+    if isinstance(anchor, bool) or not isinstance(anchor, (int, float)) or not (anchor == 0 or anchor >= 1):
+        raise ValueError(f"anchor must be 0 (off) or a number >= 1 (the low-pass's side reduction), got {anchor!r}")
+    if anchor and (noise.ndim != 4 or min(noise.shape[-2:]) < anchor):
+        raise ValueError(f"anchor={anchor} needs images (B, C, H, W) with H, W >= anchor; got {tuple(noise.shape)}")
+    return float(anchor)
+
+
+def low_pass(x: Tensor, factor: float) -> Tensor:
+    """The coarse part of images x (B, C, H, W): bicubic (antialiased) down by `factor` and bicubic back up."""
+    h, w = x.shape[-2:]
+    small = torch.nn.functional.interpolate(x.float(), size=(max(1, round(h / factor)), max(1, round(w / factor))),
+                                            mode="bicubic", antialias=True)
+    return torch.nn.functional.interpolate(small, size=(h, w), mode="bicubic").to(x.dtype)
+
+
+def _anchored(g: Tensor, x: Tensor, s: Tensor, ref: Tensor, anchor: float) -> Tensor:
+    """The field whose one-step estimate x - s g' has the coarse scales of `ref` and the fine scales of x - s g:
+    g' = g - low_pass(ref - (x - s g)) / s."""
+    s = _bcast(s, x)
+    return g - low_pass(ref - (x - s * g), anchor) / s
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,6 +190,7 @@ def gradient_descent(
     power: float = 2.0,
     step_to_data: Callable | None = None,
     t_min: float = 0.0,
+    anchor: float = 0.0,
 ):
     """x_{k+1} = x_k - eta_k * f(x_k), `steps` times from x_0 = noise, eta_k from `step_sizes(schedule, ...)`.
 
@@ -172,11 +208,24 @@ def gradient_descent(
     so the update is exact only where the level posterior is sharp (high dimensions); t_N = 0 ends on x0_hat.
     Under `constant` (eta every step; the EqM paper's 0.0017 with hundreds of steps) a step of 1 / lambda jumps to
     the posterior mean E[x | y] and later steps barely move from it: the output collapses to the blurry mean.
+
+    `anchor` > 0 (images only): the first evaluation's estimate x0_hat_0 = noise - s_0 f(noise) (the posterior mean
+    E[x | z]) is kept as a reference, and every later step uses x0_hat_k + low_pass(x0_hat_0 - x0_hat_k) in place of
+    x0_hat_k (`low_pass`: bicubic down by `anchor` and back up), i.e. f is replaced by f - low_pass(x0_hat_0 -
+    x0_hat_k) / s_k. The sample keeps the mean's content coarser than `anchor` pixels and draws the finer detail.
+    No extra evaluation. On the exact field of a Gaussian the sample's coarse part is the mean's and its fine part
+    keeps the true spread (`tests/test_sampling.py`).
     """
     steps, eta = _check_steps(steps), _step_size(eta, noise)
-    x = noise
-    for eta_k, _ in step_sizes(schedule, steps, eta, power, step_to_data, t_min):
-        x = x - _bcast(eta_k, x) * _evaluate(fn, x, context)
+    anchor = _check_anchor(anchor, noise)
+    x, ref = noise, None
+    for eta_k, s_k in step_sizes(schedule, steps, eta, power, step_to_data, t_min):
+        g = _evaluate(fn, x, context)
+        if anchor and ref is None:
+            ref = x - _bcast(s_k, x) * g
+        elif anchor:
+            g = _anchored(g, x, s_k, ref, anchor)
+        x = x - _bcast(eta_k, x) * g
     return x, _nfe(noise, steps)
 
 
@@ -197,6 +246,7 @@ def nesterov(
     power: float = 2.0,
     step_to_data: Callable | None = None,
     t_min: float = 0.0,
+    anchor: float = 0.0,
 ):
     """Accelerated descent with momentum mu in [0, 1); one evaluation per step.
 
@@ -218,16 +268,19 @@ def nesterov(
     from t_y to t_{k+1}, eta_k = (1 - t_{k+1} / t_y) s(1 - t_y). Using the step of t_k there instead overshoots the
     noise the look-ahead already removed and shrinks the sample spread. mu_k = min(mu, (t_k - t_{k+1}) /
     (2 (t_{k-1} - t_k))) keeps the look-ahead short of the next level. `eqm` steps from x_k with gd's eta_k.
+    `anchor` as in `gradient_descent`, on the estimate at the evaluated point y_k.
     """
     steps, eta = _check_steps(steps), _step_size(eta, noise)
     if not 0.0 <= mu < 1.0:
         raise ValueError(f"mu must lie in [0, 1), got {mu}")
     if form not in ("standard", "eqm"):
         raise ValueError(f"unknown nesterov form {form!r}; known: standard, eqm")
+    anchor = _check_anchor(anchor, noise)
     sizes = step_sizes(schedule, steps, eta, power, step_to_data, t_min)
     t = noise_grid(steps, power, dtype=torch.float64, t_min=t_min) if schedule == "noise" else None
     x = x_prev = noise
-    for k, (eta_k, _) in enumerate(sizes):
+    ref = None
+    for k, (eta_k, s_k) in enumerate(sizes):
         mu_k = mu
         if t is not None and k > 0:
             mu_k = min(mu, 0.5 * float((t[k] - t[k + 1]) / (t[k - 1] - t[k])))
@@ -235,7 +288,12 @@ def nesterov(
         g = _evaluate(fn, y, context)
         if t is not None and form == "standard" and k > 0:
             t_y = t[k] - mu_k * (t[k - 1] - t[k])            # the look-ahead's remaining noise
-            eta_k = (1 - t[k + 1] / t_y).to(eta.dtype) * _data_step(step_to_data, eta, 1 - t_y)
+            s_k = _data_step(step_to_data, eta, 1 - t_y)
+            eta_k = (1 - t[k + 1] / t_y).to(eta.dtype) * s_k
+        if anchor and ref is None:
+            ref = y - _bcast(s_k, y) * g
+        elif anchor:
+            g = _anchored(g, y, s_k, ref, anchor)
         x_prev, x = x, (y if form == "standard" else x) - _bcast(eta_k, x) * g
     return x, _nfe(noise, steps)
 
@@ -256,6 +314,7 @@ def adaptive(
     power: float = 2.0,
     step_to_data: Callable | None = None,
     t_min: float = 0.0,
+    anchor: float = 0.0,
 ):
     """`gd` on the schedule of `max_steps` steps, stopping each sample once its one-step estimate has settled.
 
@@ -267,8 +326,10 @@ def adaptive(
     stop when ||f|| is small, fires at the blurry posterior mean that one large step reaches (f is small at a
     clean-looking image) and is not used. Each round evaluates only the running samples (the batch shrinks;
     `context` is indexed along). At most `max_steps` evaluations per sample; nfe[i] = evaluations of sample i.
+    `anchor` as in `gradient_descent` (the estimates compared are the anchored ones).
     """
     eta = _step_size(eta, noise)
+    anchor = _check_anchor(anchor, noise)
     max_steps = _check_steps(max_steps, "max_steps")
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")
@@ -282,6 +343,10 @@ def adaptive(
     for k, (eta_k, s_k) in enumerate(step_sizes(schedule, max_steps, eta, power, step_to_data, t_min)):
         x_active = x.index_select(0, active)
         g = _evaluate(fn, x_active, [c.index_select(0, active) for c in context])
+        if anchor and k == 0:
+            ref = x_active - _bcast(s_k, x_active) * g
+        elif anchor:
+            g = _anchored(g, x_active, s_k.index_select(0, active), ref.index_select(0, active), anchor)
         nfe = nfe.index_add(0, active, torch.ones_like(active))
         x0_hat = x_active - _bcast(s_k.index_select(0, active), x_active) * g
         x = x.index_copy(0, active, x_active - _bcast(eta_k.index_select(0, active), x_active) * g)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dcssdae.corruption import EquilibriumMatching
-from dcssdae.sampling import METHODS, noise_grid, sample, time_grid
+from dcssdae.sampling import METHODS, low_pass, noise_grid, sample, time_grid
 
 # ----------------------------------------------------------------------------------------------------------------
 # Oracles.
@@ -228,6 +228,9 @@ def test_float_and_tensor_step_sizes():
         ("gd", {"t_min": 1.0}, ValueError, r"t_min must lie in \[0, 1\)"),
         ("adaptive", {"t_min": -0.1}, ValueError, r"t_min must lie in \[0, 1\)"),
         ("gd", {"t_min": 0.1, "schedule": "constant"}, ValueError, "t_min=0.1 needs schedule='noise'"),
+        ("gd", {"anchor": 0.5}, ValueError, r"anchor must be 0 \(off\) or a number >= 1"),
+        ("nesterov", {"anchor": True}, ValueError, "anchor must be 0"),
+        ("adaptive", {"anchor": 2}, ValueError, r"anchor=2 needs images \(B, C, H, W\)"),
     ],
 )
 def test_bad_settings(method, settings, error, message):
@@ -523,3 +526,62 @@ def test_a_one_step_model_takes_a_step_count_as_the_default_sampler():
     assert model.sampler_settings(steps=4, method="nesterov")["steps"] == 4
     with pytest.raises(ValueError, match="unknown setting"):
         model.sampler_settings(steps=4, bogus=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Anchored sampling: the coarse scales from the first estimate (the posterior mean), the fine scales sampled.
+
+ANCHOR = 4
+
+
+def _image_field(field, shape):
+    return lambda y: field(y.flatten(1)).view(shape)
+
+
+@pytest.mark.parametrize("method, settings", [
+    ("gd", {"steps": 16}), ("nesterov", {"steps": 16}), ("adaptive", {"max_steps": 16, "threshold": 1e-9}),
+])
+def test_anchor_keeps_the_mean_at_coarse_scales_and_samples_the_fine_ones(gaussian, method, settings):
+    """On the exact field of x ~ N(mu, 0.3^2 I) shaped as images (16, 5, 20, 20): the anchored sample's coarse part
+    (low_pass by 4) is the mean's, its fine part keeps the spread of the fine part of true samples within 10%, and
+    without the anchor the coarse part spreads like a true sample's."""
+    mu, noise = gaussian
+    shape = (16, 5, 20, 20)
+    field = _image_field(gaussian_field(EquilibriumMatching(), mu, SIGMA), shape)
+    mu_img = mu.view(1, *shape[1:])
+    white = SIGMA * torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    true_coarse = low_pass(white, ANCHOR).std().item()
+    true_fine = (white - low_pass(white, ANCHOR)).std().item()
+    x, nfe = sample(field, noise.view(shape), method, anchor=ANCHOR, **settings)
+    e = x - mu_img
+    coarse, fine = low_pass(e, ANCHOR), e - low_pass(e, ANCHOR)
+    assert coarse.std().item() < 0.1 * true_coarse, (coarse.std().item(), true_coarse)
+    assert fine.std().item() == pytest.approx(true_fine, rel=0.1), (fine.std().item(), true_fine)
+    assert (nfe <= 16).all() and (method == "adaptive" or (nfe == 16).all())
+    free = sample(field, noise.view(shape), method, **settings)[0] - mu_img
+    assert low_pass(free, ANCHOR).std().item() == pytest.approx(true_coarse, rel=0.15)
+
+
+def test_anchor_off_is_the_plain_sampler_and_the_last_step_keeps_the_reference():
+    """anchor 0 changes nothing; with one step the anchor has nothing to replace (the first estimate is the
+    reference); with a field whose estimate jumps from `target` (first call) to -target, the anchored sample is the
+    later estimate with its coarse part moved to the first one's."""
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    target = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    calls = []
+
+    def field(x):  # estimate = target at the first call, then a different image: 2 * (x - x0_hat)
+        calls.append(1)
+        return 2.0 * (x - (target if len(calls) == 1 else -target))
+
+    for method in ("gd", "nesterov", "adaptive"):
+        calls.clear()
+        plain = sample(field, noise, method)[0]
+        calls.clear()
+        torch.testing.assert_close(sample(field, noise, method, anchor=0)[0], plain)
+    calls.clear()
+    x, _ = sample(field, noise, "gd", steps=8, anchor=4)
+    # the last step lands on the anchored estimate: -target + low_pass(target - (-target))
+    torch.testing.assert_close(x, -target + low_pass(2 * target, 4), atol=1e-5, rtol=0)
+    calls.clear()
+    torch.testing.assert_close(sample(field, noise, "gd", steps=1, anchor=4)[0], target)
