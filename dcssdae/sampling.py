@@ -31,7 +31,7 @@ keeps eta at every step (the EqM paper: eta = 0.0017 and hundreds of steps).
 the one-step estimate, the posterior mean E[x | z]; at every later step the coarse part of the estimate x0_hat (its
 bicubic resampling `anchor` times smaller) is replaced by the first estimate's, as ILVR conditions a sampler on a
 reference image's low frequencies (Choi et al. 2021, Eq. 6-7), here the model's own mean. For an under-trained
-decoder whose samples drift at coarse scales (colour, tone, shading) where z already fixes the image; see
+decoder whose samples drift from the mean at scales that z nearly fixes (the CPU quick-start's, at 3-6 px); see
 `gradient_descent`.
 """
 
