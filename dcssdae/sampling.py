@@ -118,6 +118,16 @@ def _anchored(g: Tensor, x: Tensor, s: Tensor, ref: Tensor, anchor: float) -> Te
     return g - low_pass(ref - (x - s * g), anchor) / s
 
 
+def _anchor(g: Tensor, x: Tensor, s: Tensor, ref: Tensor | None, anchor: float) -> tuple[Tensor, Tensor | None]:
+    """(g, ref) for one evaluation g = f(x): unchanged when `anchor` is 0; at the first evaluation (ref None) the
+    reference becomes its one-step estimate x - s g; later, g is `_anchored` to the reference."""
+    if not anchor:
+        return g, ref
+    if ref is None:
+        return g, x - _bcast(s, x) * g
+    return _anchored(g, x, s, ref, anchor), ref
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Step-size schedules of the EqM descent (DDIM, Song et al. 2021, Eq. 12 with eta = 0, on the grid of Karras et al.
 # 2022 / SSDD's shifted grid t_k = (1 - k/N)^p).
@@ -220,11 +230,7 @@ def gradient_descent(
     anchor = _check_anchor(anchor, noise)
     x, ref = noise, None
     for eta_k, s_k in step_sizes(schedule, steps, eta, power, step_to_data, t_min):
-        g = _evaluate(fn, x, context)
-        if anchor and ref is None:
-            ref = x - _bcast(s_k, x) * g
-        elif anchor:
-            g = _anchored(g, x, s_k, ref, anchor)
+        g, ref = _anchor(_evaluate(fn, x, context), x, s_k, ref, anchor)
         x = x - _bcast(eta_k, x) * g
     return x, _nfe(noise, steps)
 
@@ -290,10 +296,7 @@ def nesterov(
             t_y = t[k] - mu_k * (t[k - 1] - t[k])            # the look-ahead's remaining noise
             s_k = _data_step(step_to_data, eta, 1 - t_y)
             eta_k = (1 - t[k + 1] / t_y).to(eta.dtype) * s_k
-        if anchor and ref is None:
-            ref = y - _bcast(s_k, y) * g
-        elif anchor:
-            g = _anchored(g, y, s_k, ref, anchor)
+        g, ref = _anchor(g, y, s_k, ref, anchor)
         x_prev, x = x, (y if form == "standard" else x) - _bcast(eta_k, x) * g
     return x, _nfe(noise, steps)
 
