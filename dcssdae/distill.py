@@ -10,9 +10,14 @@ standing in for the data, plus LPIPS between the two images:
     z = E(x);  x_teacher = sample_N(teacher, noise, z)                      # N evaluations, no gradient
     pred = pred(noise, student(noise, z));  x_student = to_x0(noise, pred)  # the one-step decoder
     loss = w_distill * |pred - target(x_teacher, noise)|^2 + w_lpips * LPIPS(x_student, x_teacher)
+           + w_data * LPIPS(x_student, x)
 
-(For EqM the first term is c(0)^2 * |x_student - x_teacher|^2, for FM exactly |x_student - x_teacher|^2.) The terms are
-logged as train/distill and train/lpips (or train/stlpips); their weights are `loss_weights.distill` and `.lpips`.
+(For EqM the first term is c(0)^2 * |x_student - x_teacher|^2, for FM exactly |x_student - x_teacher|^2.) The last
+term (weight `loss_weights.data`, 0 = SSDD's loss) uses what an autoencoder's distillation has and a generator's does
+not: the real image x is itself a draw of p(x | z), the one the latent came from, though not paired with the noise.
+The teacher's sample gives the student a noise-paired target; x keeps it on the data where that sample drifts. The
+terms are logged as train/distill, train/lpips (or train/stlpips) and train/data; their weights are
+`loss_weights.distill`, `.lpips` (or `.stlpips`) and `.data`.
 Only the student's decoder trains; the encoder is frozen. Validation decodes in one step.
 
 Checkpoints hold the student (and its EMA), not the teacher: the teacher is `init_from`'s model, which a resume
@@ -45,6 +50,9 @@ class DistillSystem(DCSSDAESystem):
         if self.encoder_trains:
             raise ValueError("distillation trains the decoder only: set trainable to decoder patterns, e.g. "
                              "['decoder.*']")
+        if self.loss_weights.data > 0 and self.lpips is None:
+            raise ValueError(f"loss_weights.data is a perceptual distance to the real image: it needs the perceptual "
+                             f"network, so set loss_weights.{self.hparams.lpips_variant} > 0 as well")
         self.teacher_steps = teacher_steps
         self.teacher = copy.deepcopy(self.ae).requires_grad_(False).eval()  # weights: setup() or the checkpoint
         # The student is a one-step decoder: its own sampler (kept in its checkpoints and exports) is the single step;
@@ -104,4 +112,6 @@ class DistillSystem(DCSSDAESystem):
             terms["distill"] = self.corruption.loss(pred, target).mean()    # the objective's loss at level 0/1
         if self.lpips is not None:
             terms[self.lpips.name] = self.lpips(x_student, x_teacher).mean()
+            if self.loss_weights.data > 0:
+                terms["data"] = self.lpips(x_student, x).mean()             # the real image: a draw of p(x | z)
         return self.log_loss(terms)

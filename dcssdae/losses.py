@@ -381,6 +381,9 @@ class LossWeights:
     distill: float = 1.0
     """One-step distillation: the objective's loss at the pure-noise level between the student's one-step prediction
     and the target built from the teacher's N-step sample (SSDD Sec. 3.4; `dcssdae.distill.DistillSystem`)."""
+    data: float = 0.0
+    """One-step distillation: the configured perceptual distance (lpips or stlpips) between the student's image and
+    the real image (`dcssdae.distill.DistillSystem`)."""
 
     def total(self, terms: dict[str, Tensor]) -> Tensor:
         """sum_k weight_k * terms[k]; every term needs a weight and must be a scalar."""

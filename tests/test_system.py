@@ -358,9 +358,33 @@ def test_distill_student_learns_teachers_n_step_sample_from_the_same_noise(tmp_p
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.ae.decoder.parameters())
 
 
+def test_distill_data_term_is_the_perceptual_distance_of_the_students_image_to_the_real_one(tmp_path):
+    teacher_ae = DCSSDAE("tiny-f32c8", "tiny")
+    torch.nn.init.normal_(teacher_ae.decoder.out_conv.weight, std=0.1)
+    model = DistillSystem(**{**TINY, "loss_weights": LossWeights(repa=0.0, data=0.7)}, trainable=["decoder.*"],
+                          teacher_steps=2, init_from=str(save_checkpoint(teacher_ae, tmp_path / "phase3.ckpt")))
+    model._trainer = SimpleNamespace(ckpt_path=None)
+    model.setup("fit")
+    model._trainer = None
+    pairs, original = [], model.lpips.forward
+    model.lpips.forward = lambda a, b: pairs.append((a.detach(), b.detach())) or original(a, b)
+    x = RandomImages(2)[0]["image"][None].repeat(2, 1, 1, 1)
+    loss = model.training_step({"image": x}, 0)
+    assert set(model.last_terms) == {"distill", "stlpips", "data"}
+    (student, teacher_sample), (student_again, real) = pairs
+    assert torch.equal(real, x) and torch.equal(student_again, student)     # the student's image against x itself
+    assert not torch.allclose(teacher_sample, x)
+    terms = model.last_terms
+    assert torch.allclose(loss, terms["distill"] + 0.5 * terms["stlpips"] + 0.7 * terms["data"])
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.ae.decoder.parameters())
+
+
 def test_distill_refuses_a_trainable_encoder_and_a_missing_teacher():
     with pytest.raises(ValueError, match="decoder only"):
         DistillSystem(**TINY, trainable=["*"])
+    with pytest.raises(ValueError, match=r"loss_weights.data .* set loss_weights.stlpips > 0"):
+        DistillSystem(**{**TINY, "loss_weights": LossWeights(repa=0.0, stlpips=0.0, data=0.5)}, trainable=["decoder.*"])
     model = DistillSystem(**TINY, trainable=["decoder.*"])
     model._trainer = SimpleNamespace(ckpt_path=None)
     with pytest.raises(ValueError, match="needs a teacher"):
