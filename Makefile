@@ -48,12 +48,12 @@ cpu-recipe:
 		--model "phase 1 (the quick-start), 16 steps=$(CPU_RUNS)/phase1/checkpoints/last.ckpt@16" \
 		--model "phase 1, 1 step=$(CPU_RUNS)/phase1/checkpoints/last.ckpt@1" \
 		--model "phase 2=$(CPU_RUNS)/phase2/checkpoints/last.ckpt" \
-		--model "phase 3 (teacher)=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@8" \
+		--model "phase 3 (teacher), 16 steps=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@16" \
 		--model "phase 3, 1 step=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@1" \
 		--model "distilled (export), 1 step=$(CPU_RUNS)/export@1"
 	$(PY) benchmarks/compare_models.py --out $(CPU_RUNS)/distill_crops --val-shards default:crops --size 128 \
 		--batch 24 --picture-rows 4 \
-		--model "teacher, 8 steps=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@8" \
+		--model "teacher, 16 steps=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@16" \
 		--model "student, 1 step=$(CPU_RUNS)/export@1" \
 		--model "undistilled, 1 step=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@1"
 
