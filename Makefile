@@ -32,7 +32,7 @@ bench-quality:   # EqM vs FM at equal budget on the default photos (~30 min on 2
 quickstart:
 	$(PY) -m dcssdae.cli fit --config configs/quickstart.yaml
 
-# The whole recipe on a CPU (~45 min on 2 cores): phase 1 = the quick-start, phase 2 at twice the resolution,
+# The whole recipe on a CPU (~27 min on 2 idle cores): phase 1 = the quick-start, phase 2 at twice the resolution,
 # phase 3, one-step distillation, export; then every stage and bicubic scored on the held-out photos.
 CPU_RUNS ?= $(RUNS)/cpu
 cpu-recipe:

@@ -116,9 +116,10 @@ class DCSSDAESystem(pl.LightningModule):
             sampler: decoding sampler {"method": ..., **settings} (dcssdae.sampling); default 16 EqM descent steps
                 on the noise schedule (`DCSSDAE.default_sampler`), or 8 Euler steps for FM.
             sample_posterior: train the decoder on z ~ q(z|x) (True) or on its mean.
-            loss_weights: weights of the named loss terms (eqm or fm, lpips or stlpips, repa, kl; distill for
-                DistillSystem); a term whose weight is 0 is not computed (and its network not loaded). The LPIPS
-                and REPA networks load when training starts (`setup("fit")`), not here: a checkpoint opens offline.
+            loss_weights: weights of the named loss terms (eqm or fm, lpips or stlpips, repa, kl; distill and
+                data for DistillSystem); a term whose weight is 0 is not computed (and its network not loaded). The
+                LPIPS and REPA networks load when training starts (`setup("fit")`), not here: a checkpoint opens
+                offline.
             lpips_variant: perceptual loss: "lpips" (needs the ImageNet backbone weights) or "stlpips"
                 (shift-tolerant LPIPS, weights shipped in its wheel).
             lpips_net: perceptual backbone: "vgg" (SSDD's loss) or "alex".
