@@ -326,13 +326,20 @@ def test_ema_lives_in_the_checkpoint_state_dict_and_validation_uses_it(tmp_path)
 # Distillation.
 
 
-def test_distill_student_learns_teachers_n_step_sample_from_the_same_noise(tmp_path, monkeypatch):
+def _distill_from_a_teacher(tmp_path, **kwargs) -> tuple[DistillSystem, DCSSDAE]:
+    """A DistillSystem as `fit` sets it up, from a saved tiny teacher, and that teacher."""
     teacher_ae = DCSSDAE("tiny-f32c8", "tiny")
     torch.nn.init.normal_(teacher_ae.decoder.out_conv.weight, std=0.1)  # a non-zero field (the init predicts 0)
-    model = DistillSystem(**TINY, trainable=["decoder.*"], teacher_steps=3, init_from=str(
+    model = DistillSystem(**{**TINY, **kwargs}, trainable=["decoder.*"], init_from=str(
         save_checkpoint(teacher_ae, tmp_path / "phase3.ckpt")))
     model._trainer = SimpleNamespace(ckpt_path=None)
     model.setup("fit")
+    model._trainer = None
+    return model, teacher_ae
+
+
+def test_distill_student_learns_teachers_n_step_sample_from_the_same_noise(tmp_path, monkeypatch):
+    model, teacher_ae = _distill_from_a_teacher(tmp_path, teacher_steps=3)
     assert torch.equal(model.teacher.decoder.out_norm.weight, teacher_ae.decoder.out_norm.weight)
     from dcssdae import autoencoder
 
@@ -341,7 +348,6 @@ def test_distill_student_learns_teachers_n_step_sample_from_the_same_noise(tmp_p
                         or original(fn, noise, method, **kw))
     decoder_inputs = []
     model.ae.decoder.register_forward_pre_hook(lambda module, args: decoder_inputs.append(args[0]))
-    model._trainer = None
     x = RandomImages(2)[0]["image"][None].repeat(2, 1, 1, 1)
     loss = model.training_step({"image": x}, 0)
     assert set(model.last_terms) == {"distill", "stlpips"}  # its own term (weight loss_weights.distill), and LPIPS
@@ -359,13 +365,7 @@ def test_distill_student_learns_teachers_n_step_sample_from_the_same_noise(tmp_p
 
 
 def test_distill_data_term_is_the_perceptual_distance_of_the_students_image_to_the_real_one(tmp_path):
-    teacher_ae = DCSSDAE("tiny-f32c8", "tiny")
-    torch.nn.init.normal_(teacher_ae.decoder.out_conv.weight, std=0.1)
-    model = DistillSystem(**{**TINY, "loss_weights": LossWeights(repa=0.0, data=0.7)}, trainable=["decoder.*"],
-                          teacher_steps=2, init_from=str(save_checkpoint(teacher_ae, tmp_path / "phase3.ckpt")))
-    model._trainer = SimpleNamespace(ckpt_path=None)
-    model.setup("fit")
-    model._trainer = None
+    model, _ = _distill_from_a_teacher(tmp_path, loss_weights=LossWeights(repa=0.0, data=0.7), teacher_steps=2)
     pairs, original = [], model.lpips.forward
     model.lpips.forward = lambda a, b: pairs.append((a.detach(), b.detach())) or original(a, b)
     x = RandomImages(2)[0]["image"][None].repeat(2, 1, 1, 1)
