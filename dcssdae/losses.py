@@ -191,16 +191,27 @@ class LPIPSLoss(nn.Module):
 
     def forward(self, x0_hat: Tensor, x: Tensor) -> Tensor:
         """Distance between x0_hat and x, both (B, 3, H, W) in [-1, 1]: shape (B,), float32."""
-        if x0_hat.shape != x.shape or x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"LPIPS needs two (B, 3, H, W) batches of one shape; got {tuple(x0_hat.shape)}, "
-                             f"{tuple(x.shape)}")
-        model = self._model.to(x.device)
-        feats = model.net(model.scaling_layer(torch.cat([x0_hat, x]).float()))  # both images in one pass
-        distance = x.new_zeros(x.shape[0], dtype=torch.float32)
+        return self.distances(x0_hat, x)[0]
+
+    def distances(self, x0_hat: Tensor, *targets: Tensor) -> tuple[Tensor, ...]:
+        """Distance from x0_hat to each target, all (B, 3, H, W) in [-1, 1]: one (B,) float32 tensor per target.
+
+        Every image goes through the backbone in one pass, so x0_hat's features (and their backward) are computed
+        once however many targets it is compared with (distillation compares the student's image with the teacher's
+        and with the real image)."""
+        if not targets:
+            raise ValueError("LPIPS distances need at least one target batch")
+        if any(t.shape != x0_hat.shape for t in targets) or x0_hat.ndim != 4 or x0_hat.shape[1] != 3:
+            raise ValueError(f"LPIPS needs (B, 3, H, W) batches of one shape; got "
+                             f"{', '.join(str(tuple(t.shape)) for t in (x0_hat, *targets))}")
+        model = self._model.to(x0_hat.device)
+        feats = model.net(model.scaling_layer(torch.cat([x0_hat, *targets]).float()))  # all images in one pass
+        distances = [x0_hat.new_zeros(x0_hat.shape[0], dtype=torch.float32) for _ in targets]
         for feat, lin in zip(feats, model.lins):
-            f0, f1 = _unit_normalize(feat.float()).chunk(2)
-            distance = distance + lin(torch.square(f0 - f1)).mean(dim=(1, 2, 3))
-        return distance
+            f0, *fs = _unit_normalize(feat.float()).chunk(1 + len(targets))
+            for i, f in enumerate(fs):
+                distances[i] = distances[i] + lin(torch.square(f0 - f)).mean(dim=(1, 2, 3))
+        return tuple(distances)
 
 
 # ----------------------------------------------------------------------------------------------------------------

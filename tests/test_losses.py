@@ -52,6 +52,29 @@ def test_lpips_gradient_is_finite_and_reaches_x0_hat(lpips_random):
     assert x0_hat.grad.abs().sum() > 0
 
 
+def test_lpips_distances_to_several_targets_in_one_pass(lpips_random):
+    """distances(x0_hat, a, b) (distillation: the student's image against the teacher's and the real one) equals
+    two separate calls, value and gradient, with x0_hat through the backbone once; shape mismatches are named."""
+    x0_hat, a, b = _images(seed=4).requires_grad_(True), _images(seed=5), _images(seed=6)
+    separate = (lpips_random(x0_hat, a), lpips_random(x0_hat, b))
+    (grad,) = torch.autograd.grad(separate[0].sum() + 2 * separate[1].sum(), x0_hat)
+    batches = []
+    handle = lpips_random._model.net.net.register_forward_pre_hook(lambda m, args: batches.append(len(args[0])))
+    try:
+        together = lpips_random.distances(x0_hat, a, b)
+    finally:
+        handle.remove()
+    assert batches == [3 * len(a)]  # one backbone pass over x0_hat, a and b
+    for s, t in zip(separate, together, strict=True):
+        torch.testing.assert_close(t, s, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.autograd.grad(together[0].sum() + 2 * together[1].sum(), x0_hat)[0], grad,
+                               rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match=r"one shape; got \(2, 3, 32, 32\), \(2, 3, 32, 32\), \(1, 3, 32, 32\)"):
+        lpips_random.distances(x0_hat, a, b[:1])
+    with pytest.raises(ValueError, match="at least one target"):
+        lpips_random.distances(x0_hat)
+
+
 def test_lpips_backbone_is_out_of_the_module_tree(lpips_random):
     assert list(lpips_random.parameters()) == [] and lpips_random.state_dict() == {}
     system = torch.nn.ModuleDict({"lpips": lpips_random, "head": torch.nn.Linear(2, 2)})

@@ -366,14 +366,16 @@ def test_distill_student_learns_teachers_n_step_sample_from_the_same_noise(tmp_p
 
 def test_distill_data_term_is_the_perceptual_distance_of_the_students_image_to_the_real_one(tmp_path):
     model, _ = _distill_from_a_teacher(tmp_path, loss_weights=LossWeights(repa=0.0, data=0.7), teacher_steps=2)
-    pairs, original = [], model.lpips.forward
-    model.lpips.forward = lambda a, b: pairs.append((a.detach(), b.detach())) or original(a, b)
+    calls, original = [], model.lpips.distances
+    model.lpips.distances = lambda *images: calls.append([i.detach() for i in images]) or original(*images)
     x = RandomImages(2)[0]["image"][None].repeat(2, 1, 1, 1)
     loss = model.training_step({"image": x}, 0)
     assert set(model.last_terms) == {"distill", "stlpips", "data"}
-    (student, teacher_sample), (student_again, real) = pairs
-    assert torch.equal(real, x) and torch.equal(student_again, student)     # the student's image against x itself
-    assert not torch.allclose(teacher_sample, x)
+    (student, teacher_sample, real), = calls  # one perceptual pass: the student's image against the teacher's and x
+    assert torch.equal(real, x) and not torch.allclose(teacher_sample, x)
+    to_teacher, to_x = original(student, teacher_sample, real)
+    assert torch.allclose(model.last_terms["stlpips"], to_teacher.mean())
+    assert torch.allclose(model.last_terms["data"], to_x.mean())
     terms = model.last_terms
     assert torch.allclose(loss, terms["distill"] + 0.5 * terms["stlpips"] + 0.7 * terms["data"])
     loss.backward()
