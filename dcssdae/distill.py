@@ -16,8 +16,9 @@ standing in for the data, plus LPIPS between the two images:
 term (weight `loss_weights.data`, 0 = SSDD's loss) uses what an autoencoder's distillation has and a generator's does
 not: the real image x is itself a draw of p(x | z), the one the latent came from, though not paired with the noise.
 The teacher's sample gives the student a noise-paired target; x keeps it on the data where that sample drifts (the two
-perceptual terms share one pass of the network over the student's image). The terms are logged as train/distill, train/lpips (or train/stlpips) and train/data; their weights are
-`loss_weights.distill`, `.lpips` (or `.stlpips`) and `.data`.
+perceptual terms share one pass of the network over the student's image). The terms are logged as train/distill,
+train/lpips (or train/stlpips) and train/data; their weights are `loss_weights.distill`, `.lpips` (or `.stlpips`)
+and `.data`.
 Only the student's decoder trains; the encoder is frozen. Validation decodes in one step.
 
 Checkpoints hold the student (and its EMA), not the teacher: the teacher is `init_from`'s model, which a resume
