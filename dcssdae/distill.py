@@ -111,9 +111,10 @@ class DistillSystem(DCSSDAESystem):
         terms = {}
         if self.loss_weights.distill > 0:
             terms["distill"] = self.corruption.loss(pred, target).mean()    # the objective's loss at level 0/1
-        if self.lpips is not None and self.loss_weights.data > 0:          # the student's features computed once
-            to_teacher, to_x = self.lpips.distances(x_student, x_teacher, x)
-            terms[self.lpips.name], terms["data"] = to_teacher.mean(), to_x.mean()  # x: a draw of p(x | z)
-        elif self.lpips is not None:
-            terms[self.lpips.name] = self.lpips(x_student, x_teacher).mean()
+        if self.lpips is not None:                                          # one pass over the student's image
+            targets = (x_teacher, x) if self.loss_weights.data > 0 else (x_teacher,)  # x: a draw of p(x | z)
+            to_teacher, *to_x = self.lpips.distances(x_student, *targets)
+            terms[self.lpips.name] = to_teacher.mean()
+            if to_x:
+                terms["data"] = to_x[0].mean()
         return self.log_loss(terms)
