@@ -67,9 +67,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from dcssdae.atomic_files import write_json
 from dcssdae.autoencoder import DCSSDAE
-from dcssdae.encoder import Posterior
-from dcssdae.files import write_json
+from dcssdae.encoders import Posterior
 from dcssdae.losses import LossWeights, kl_loss
 from dcssdae.sampling import sample
 

@@ -478,7 +478,7 @@ def format_tables(results: dict[str, Any]) -> str:
 
 
 def main_evaluate(args: argparse.Namespace) -> int:
-    from dcssdae.files import finite_or_none, write_json
+    from dcssdae.atomic_files import finite_or_none, write_json
     from dcssdae.metrics import ReconstructionMetrics
 
     runs_dir, out = Path(args.runs), Path(args.out or args.runs)

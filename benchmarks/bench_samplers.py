@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dcssdae.corruption import EquilibriumMatching
+from dcssdae.objectives import EquilibriumMatching
 from dcssdae.sampling import sample
 
 GD_STEPS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]  # the decoder sweep stops at 32

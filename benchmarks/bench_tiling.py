@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = {"memory": main_memory, "agreement": main_agreement, "picture": main_picture}[args.command](args)
     if args.json:
-        from dcssdae.files import write_json
+        from dcssdae.atomic_files import write_json
 
         write_json({"command": args.command, "settings": {k: v for k, v in vars(args).items() if k != "json"},
                     "rows": rows}, args.json)

@@ -37,10 +37,10 @@ import torch
 import yaml
 from PIL import Image
 
+from dcssdae.atomic_files import write_json
 from dcssdae.autoencoder import DCSSDAE
 from dcssdae.baselines import baseline, bicubic_resample
 from dcssdae.data import ImageNetDataModule
-from dcssdae.files import write_json
 from dcssdae.metrics import ReconstructionMetrics, format_table, quantize_uint8
 
 COLUMNS = [("num_images", "images", "{:d}"), ("nfe", "NFE", "{:.0f}"), ("psnr", "PSNR dB", "{:.2f}"),

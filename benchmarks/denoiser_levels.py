@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
+from dcssdae.atomic_files import write_json
 from dcssdae.autoencoder import DCSSDAE
-from dcssdae.corruption import GATE_BIAS, EquilibriumMatching
 from dcssdae.data import ImageNetDataModule
-from dcssdae.files import write_json
+from dcssdae.objectives import GATE_BIAS, EquilibriumMatching
 
 GAMMAS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 

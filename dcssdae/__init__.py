@@ -6,14 +6,14 @@ The public API is imported lazily so that `import dcssdae` stays cheap (no Light
 __version__ = "0.1.0"
 
 _LAZY = {
-    "build_encoder": "dcssdae.encoder",
+    "build_encoder": "dcssdae.encoders",
     "build_decoder": "dcssdae.decoder",
-    "Posterior": "dcssdae.encoder",
+    "Posterior": "dcssdae.encoders",
     "sample": "dcssdae.sampling",
-    "EquilibriumMatching": "dcssdae.corruption",
-    "FlowMatching": "dcssdae.corruption",
+    "EquilibriumMatching": "dcssdae.objectives",
+    "FlowMatching": "dcssdae.objectives",
     "DCSSDAE": "dcssdae.autoencoder",
-    "AutoencoderDCSSD": "dcssdae.pipeline",  # needs diffusers (the `diffusers` extra)
+    "AutoencoderDCSSD": "dcssdae.diffusers_model",  # needs diffusers (the `diffusers` extra)
 }
 
 __all__ = ["DCSSDAE", "AutoencoderDCSSD", "EquilibriumMatching", "FlowMatching", "Posterior", "build_decoder", "build_encoder", "sample"]

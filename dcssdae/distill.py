@@ -32,7 +32,7 @@ import copy
 import torch
 
 from dcssdae.autoencoder import load_weights
-from dcssdae.corruption import FlowMatching
+from dcssdae.objectives import FlowMatching
 from dcssdae.system import DCSSDAESystem
 
 

@@ -47,7 +47,7 @@ from torchmetrics import Metric
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.utilities import rank_zero_warn
 
-from dcssdae.files import atomic_file
+from dcssdae.atomic_files import atomic_file
 
 LPIPS_VARIANTS = ("lpips", "stlpips", "stlpips_alex", "stlpips_vgg", "lpips_random", None)
 FID_RELIABLE_NUM_IMAGES = 10_000

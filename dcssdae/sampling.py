@@ -14,7 +14,7 @@ no randomness and no state inside. One entry point:
 Settings are keyword arguments checked against the method (unknown names raise). Step sizes may be Python numbers
 or tensors (0-d or one per sample, (B,)): the public DC-SSDAE sampler crashed on a float step (`float.reshape`).
 
-Equilibrium Matching descent (Wang & Du 2025, Sec. 4; sign convention in `dcssdae.corruption`): the field f points
+Equilibrium Matching descent (Wang & Du 2025, Sec. 4; sign convention in `dcssdae.objectives`): the field f points
 away from the data, so every method descends, x <- x - eta_k * f(x). The sampler never sees gamma: fn(x) is all it
 has. With the linear decay c(gamma) = lambda * (1 - gamma) the ideal field is lambda * (x - E[x0 | x]), so one step
 of eta = 1 / lambda (`EquilibriumMatching().step_to_data(0)` = 0.5, the default eta here) jumps to the posterior mean

@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from dcssdae.atomic_files import write_json
 from dcssdae.autoencoder import (
     DCSSDAE,
     build_corruption,
@@ -43,10 +44,9 @@ from dcssdae.autoencoder import (
     network_corruption_config,
 )
 from dcssdae.baselines import baseline
-from dcssdae.corruption import EquilibriumMatching, FlowMatching
-from dcssdae.files import write_json
 from dcssdae.losses import LossWeights, LPIPSLoss, REPALoss, kl_loss
 from dcssdae.metrics import ReconstructionMetrics, format_table, psnr_uint8, quantize_uint8
+from dcssdae.objectives import EquilibriumMatching, FlowMatching
 
 # Parameters that get no weight decay: biases, norm gains, embeddings and position tables (any tensor with < 2
 # dims, plus these names), as in nanoGPT / timm.
@@ -106,7 +106,7 @@ class DCSSDAESystem(pl.LightningModule):
     ):
         """
         Args:
-            encoder: encoder preset (dcssdae.encoder.ENCODERS), e.g. "dc-ae-f32c32-in-1.0", "tiny-f32c8".
+            encoder: encoder preset (dcssdae.encoders.ENCODERS), e.g. "dc-ae-f32c32-in-1.0", "tiny-f32c8".
             decoder: decoder preset (dcssdae.decoder.DECODERS), e.g. "S", "M", "tiny".
             corruption: the objective: EquilibriumMatching (default, linear decay) or FlowMatching (time-conditioned
                 decoder). Choose it with `class_path`.
@@ -318,7 +318,7 @@ class DCSSDAESystem(pl.LightningModule):
     def log_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         """Weighted total (`LossWeights.total`); logs every term, the total and the learning rate."""
         loss = self.loss_weights.total(terms)
-        self.last_terms = {k: v.detach() for k, v in terms.items()}  # read by dcssdae.guards.NonFiniteGuard
+        self.last_terms = {k: v.detach() for k, v in terms.items()}  # read by dcssdae.nonfinite_guard.NonFiniteGuard
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=True, prog_bar=False)
         self.log("train/loss", loss.detach(), on_step=True, prog_bar=True)
         if self._trainer is not None and self.trainer.optimizers:
@@ -549,7 +549,7 @@ class ReconstructionWriter(pl.Callback):
 
     def on_predict_batch_end(self, trainer, pl_module, prediction, batch, batch_idx, dataloader_idx=0) -> None:
         # (Lightning calls this before it keeps `prediction` for the return value of trainer.predict.)
-        from dcssdae.export import save_pair_png
+        from dcssdae.reconstruct import save_pair_png
 
         x_u8, x_hat_u8 = quantize_uint8(batch["image"]), quantize_uint8(prediction.pop("x_hat"))
         paths = []

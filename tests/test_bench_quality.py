@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcssdae.corruption import EquilibriumMatching, FlowMatching
+from dcssdae.objectives import EquilibriumMatching, FlowMatching
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", str(ROOT / "tests" / "configs" / "cpu_tiny.yaml"),
@@ -50,8 +50,8 @@ def load(path: Path) -> dict:
 
 def test_train_writes_one_file_per_objective_with_the_objective_it_trained(work):
     assert sorted(p.name for p in (work / "runs").iterdir()) == ["eqm.pt", "fm.pt"]
-    expected = {"eqm": ("dcssdae.corruption.EquilibriumMatching", "gd"),
-                "fm": ("dcssdae.corruption.FlowMatching", "euler")}
+    expected = {"eqm": ("dcssdae.objectives.EquilibriumMatching", "gd"),
+                "fm": ("dcssdae.objectives.FlowMatching", "euler")}
     for objective, (class_path, method) in expected.items():
         record = load(work / "runs" / f"{objective}.pt")
         meta = record["meta"]

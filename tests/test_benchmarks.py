@@ -130,10 +130,11 @@ def test_decoder_trains_after_an_inference_mode_call_at_the_same_size():
     """The decoder caches its window indices per grid size: one first built under torch.inference_mode (the
     benchmark's inference pass, Lightning's validation) must still serve a training step (dcssdae/decoder.py)."""
     from dcssdae import decoder as decoder_module
+    from dcssdae import decoder_layers
 
     for backend in ("sdpa", "blocked"):
-        decoder_module._offset_index.cache_clear()
-        decoder_module._window_tiles.cache_clear()
+        decoder_layers._offset_index.cache_clear()
+        decoder_layers._window_tiles.cache_clear()
         net = decoder_module.build_decoder("tiny", 8, attention_backend=backend)
         x, z = torch.randn(1, 3, 64, 64), torch.randn(1, 8, 2, 2)
         with torch.inference_mode():

@@ -113,9 +113,9 @@ def test_atomic_save_keeps_permissions_and_replaces(tmp_path):
 
 def test_written_files_get_the_umask_permissions_not_owner_only(tmp_path):
     # tempfile.mkstemp / mkdtemp create 0600 / 0700: checkpoints, metric JSON and exports must be shareable
+    from dcssdae.atomic_files import write_json
     from dcssdae.autoencoder import DCSSDAE
     from dcssdae.export import write_export
-    from dcssdae.files import write_json
 
     old = os.umask(0o022)
     try:

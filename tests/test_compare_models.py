@@ -126,7 +126,7 @@ def levels_script():
 def test_denoiser_levels_of_a_fresh_gated_model_in_closed_form(levels_script):
     """A zero-initialised gated decoder: D~ = 0 and s = sigmoid(GATE_BIAS) everywhere, so x0_hat = s x_gamma."""
     from dcssdae.autoencoder import DCSSDAE
-    from dcssdae.corruption import GATE_BIAS, EquilibriumMatching
+    from dcssdae.objectives import GATE_BIAS, EquilibriumMatching
 
     torch.manual_seed(0)
     ae = DCSSDAE("tiny-f8c4", "tiny", corruption=EquilibriumMatching(parameterization="gated")).eval()

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from dcssdae.cli import expand_config_includes, main, run_lightning_cli
-from dcssdae.corruption import EquilibriumMatching, FlowMatching
 from dcssdae.distill import DistillSystem
+from dcssdae.objectives import EquilibriumMatching, FlowMatching
 from dcssdae.system import DCSSDAESystem
 
 ROOT = Path(__file__).resolve().parents[1]

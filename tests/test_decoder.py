@@ -518,7 +518,7 @@ def test_lean_block_consumes_its_parts_and_reuses_the_given_map():
 @pytest.mark.parametrize("rows", [(0, 8), (0, 16), (3, 11), (1, 2), (15, 16), (7, 7 + 1)])
 def test_upsampled_rows_match_upsample_then_conv(rows):
     """Sub-pixel form of nearest x2 + 3x3 conv: four 2x2 kernels on the low map, any rows of the output."""
-    from dcssdae.decoder import _Upsampled
+    from dcssdae.decoder_lean import _Upsampled
 
     torch.manual_seed(0)
     up = torch.nn.Sequential(torch.nn.Upsample(scale_factor=2.0), torch.nn.Conv2d(6, 5, 3, padding=1))
@@ -530,18 +530,18 @@ def test_upsampled_rows_match_upsample_then_conv(rows):
 
 @pytest.mark.parametrize("chunk_tiles,grid", [(1, (19, 10)), (3, (20, 24)), (2, (9, 9))])
 def test_blocked_attention_in_chunks_matches_dense(monkeypatch, chunk_tiles, grid):
-    from dcssdae import decoder
+    from dcssdae import decoder_layers
 
-    monkeypatch.setattr(decoder, "CHUNK_TILES", chunk_tiles)
+    monkeypatch.setattr(decoder_layers, "CHUNK_TILES", chunk_tiles)
     _assert_blocked_matches_dense(5, grid)
 
 
 def test_feed_forward_in_chunks_without_autograd(monkeypatch):
-    from dcssdae import decoder
+    from dcssdae import decoder_layers
 
-    ff = _randomize_(decoder.GEGLU(16, mult=2), std=0.5)
+    ff = _randomize_(decoder_layers.GEGLU(16, mult=2), std=0.5)
     x = torch.randn(2, 50, 16)
     expected = ff(x)  # autograd on: one call
-    monkeypatch.setattr(decoder, "FF_CHUNK_TOKENS", 7)
+    monkeypatch.setattr(decoder_layers, "FF_CHUNK_TOKENS", 7)
     with torch.no_grad():
         _assert_same(ff(x), expected)

@@ -12,8 +12,8 @@ import re
 import pytest
 import torch
 
-from dcssdae.encoder import ENCODERS, LiteMLA, Posterior, build_encoder
-from dcssdae.encoder_weights import DC_KEYS, KL_KEYS, LOGVAR_FILL, _pattern, load_encoder_weights
+from dcssdae.encoders import ENCODERS, LiteMLA, Posterior, build_encoder
+from dcssdae.encoders.weights import DC_KEYS, KL_KEYS, LOGVAR_FILL, _pattern, load_encoder_weights
 
 diffusers = pytest.importorskip("diffusers")
 

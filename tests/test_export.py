@@ -9,16 +9,9 @@ import torch
 from PIL import Image
 
 from dcssdae.autoencoder import DCSSDAE
-from dcssdae.export import (
-    ToolError,
-    export_checkpoint,
-    load_model,
-    main_export,
-    main_latent_stats,
-    main_reconstruct,
-    measure_latent_stats,
-    write_export,
-)
+from dcssdae.export import ToolError, export_checkpoint, load_model, main_export, write_export
+from dcssdae.latent_stats import main_latent_stats, measure_latent_stats
+from dcssdae.reconstruct import main_reconstruct
 
 SIZE = 64  # tiny-f8c4 + tiny decoder: 8 x 8 latents
 
@@ -87,7 +80,7 @@ def test_from_pretrained_reads_an_export(tmp_path):
 
 
 def test_config_round_trip_keeps_non_default_settings(tmp_path):
-    from dcssdae.corruption import FlowMatching
+    from dcssdae.objectives import FlowMatching
 
     model = DCSSDAE("tiny-f8c4", "tiny", corruption=FlowMatching(), sampler={"method": "euler", "steps": 3},
                     latent_scale=0.5, latent_shift=0.25)

@@ -7,8 +7,8 @@ import urllib.error
 import pytest
 import torch
 
-from dcssdae.corruption import EquilibriumMatching, FlowMatching
 from dcssdae.losses import LossWeights, LPIPSLoss, REPALoss, kl_loss, loss_terms
+from dcssdae.objectives import EquilibriumMatching, FlowMatching
 
 
 def _images(b=2, size=32, seed=0):
@@ -213,7 +213,7 @@ class _Posterior:
 
 
 def test_kl_loss_is_batch_mean_of_per_sample_sums():
-    from dcssdae.encoder import Posterior
+    from dcssdae.encoders import Posterior
 
     mean, logvar = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
     expected = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dcssdae import metrics
-from dcssdae.files import write_json
+from dcssdae.atomic_files import write_json
 from dcssdae.metrics import ReconstructionMetrics, format_table, quantize_uint8
 
 

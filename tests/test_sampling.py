@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dcssdae.corruption import EquilibriumMatching
+from dcssdae.objectives import EquilibriumMatching
 from dcssdae.sampling import METHODS, low_pass, noise_grid, sample, time_grid
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,11 +19,11 @@ from torch.utils.data import DataLoader, Dataset
 from dcssdae.autoencoder import DCSSDAE, WeightsFileError, load_weights
 from dcssdae.callbacks import EMA
 from dcssdae.checkpointing import StepSeed
-from dcssdae.corruption import EquilibriumMatching, FlowMatching
 from dcssdae.decoder import build_decoder
 from dcssdae.distill import DistillSystem
-from dcssdae.encoder import build_encoder
+from dcssdae.encoders import build_encoder
 from dcssdae.losses import LossWeights
+from dcssdae.objectives import EquilibriumMatching, FlowMatching
 from dcssdae.system import DCSSDAESystem
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dcssdae.autoencoder import DCSSDAE
-from dcssdae.corruption import FlowMatching
+from dcssdae.objectives import FlowMatching
 from dcssdae.tiling import Tiling, crop, pad_to_multiple, tile_starts, tiled_call, window
 
 

@@ -5,15 +5,15 @@ residual autoencoding, where every space-to-channel step adds a parameter-free s
 averaging groups of channels) to a learned path, so the network only learns a residual. The blocks are ResBlocks in
 the high-resolution stages and EfficientViT blocks (ReLU linear attention + GLU MBConv; Cai et al., "EfficientViT:
 Multi-Scale Linear Attention for High-Resolution Dense Prediction", ICCV 2023) in the low-resolution ones. Module
-names are our own; `encoder_weights.py` maps the diffusers `AutoencoderDC` and the original MIT (efficientvit)
-checkpoints onto them. Build it by name with `dcssdae.encoder.build_encoder`.
+names are our own; `encoders/weights.py` maps the diffusers `AutoencoderDC` and the original MIT (efficientvit)
+checkpoints onto them. Build it by name with `dcssdae.encoders.build_encoder`.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcssdae.posterior import Posterior, check_image
+from dcssdae.encoders.posterior import Posterior, check_image
 
 # ----------------------------------------------------------------------------------------------------------------
 # RMSNorm over the channel axis (Zhang & Sennrich 2019, Eq. 4) with a learned gain *and* bias, as DC-AE's

@@ -1,4 +1,4 @@
-"""Tests of dcssdae.pipeline.AutoencoderDCSSD: diffusers interface, formats, and a real diffusers pipeline."""
+"""Tests of dcssdae.diffusers_model.AutoencoderDCSSD: diffusers interface, formats, and a real diffusers pipeline."""
 
 import json
 
@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 pytest.importorskip("diffusers")
 
 from dcssdae.autoencoder import DCSSDAE
-from dcssdae.export import main_latent_stats, write_export
-from dcssdae.pipeline import AutoencoderDCSSD
+from dcssdae.diffusers_model import AutoencoderDCSSD
+from dcssdae.export import write_export
+from dcssdae.latent_stats import main_latent_stats
 
 
 def tiny_dcssdae(seed: int = 0, **kwargs) -> DCSSDAE:

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dcssdae.encoder_dc import DCEncoder
-from dcssdae.encoder_kl import KLEncoder
+from dcssdae.encoders.dc_ae import DCEncoder
+from dcssdae.encoders.kl_f8 import KLEncoder
 
 LOGVAR_FILL = -10.0
 

@@ -1,10 +1,10 @@
 """Encoders by name: the registry of named variants (`ENCODERS`) and `build_encoder(name, pretrained=None,
 **overrides)`.
 
-The networks live in their own files: the DC-AE encoder in `encoder_dc.py` (Chen, Cai et al., ICLR 2025), the LDM /
-SD-VAE KL-f8 encoder (`vq_f8c4`) in `encoder_kl.py`; both return a `Posterior` (`posterior.py`). Pretrained weights
-load through `encoder_weights.py`. Imports flow one way: posterior <- encoder_dc <- encoder_kl <- encoder_weights <-
-encoder; the names below are re-exported so that `from dcssdae.encoder import Posterior, DCEncoder, ...` works.
+The networks live in their own files: the DC-AE encoder in `encoders/dc_ae.py` (Chen, Cai et al., ICLR 2025), the LDM /
+SD-VAE KL-f8 encoder (`vq_f8c4`) in `encoders/kl_f8.py`; both return a `Posterior` (`encoders/posterior.py`). Pretrained weights
+load through `encoders/weights.py`. Imports flow one way: posterior <- dc_ae <- kl_f8 <- weights <-
+encoder; the names below are re-exported so that `from dcssdae.encoders import Posterior, DCEncoder, ...` works.
 """
 
 import inspect
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from dcssdae.encoder_dc import (  # noqa: F401 (re-exported)
+from dcssdae.encoders.dc_ae import (  # noqa: F401 (re-exported)
     BLOCK_TYPES,
     DCEncoder,
     Downsample,
@@ -24,9 +24,9 @@ from dcssdae.encoder_dc import (  # noqa: F401 (re-exported)
     Stage,
     space_to_channel_average,
 )
-from dcssdae.encoder_kl import KLEncoder
-from dcssdae.encoder_weights import load_encoder_weights
-from dcssdae.posterior import Posterior, check_image  # noqa: F401 (re-exported)
+from dcssdae.encoders.kl_f8 import KLEncoder
+from dcssdae.encoders.posterior import Posterior, check_image  # noqa: F401 (re-exported)
+from dcssdae.encoders.weights import load_encoder_weights
 
 # ----------------------------------------------------------------------------------------------------------------
 # Registry of named variants. "arch" picks the class; every other entry is a constructor argument.

@@ -5,15 +5,15 @@ Appendix G: GroupNorm ResNet levels (128-256-512-512 channels, 2 ResNet blocks p
 levels), a middle block with one full self-attention layer, then GroupNorm-SiLU-conv to 2c channels (mean, logvar)
 and the 1x1 `quant_conv`. This is the SSDD paper's f8c4 baseline encoder (called "vq_f8c4" in the DC-SSDAE code).
 Pretrained weights: a diffusers `AutoencoderKL` (encoder + quant_conv) or an LDM/SD checkpoint, through
-`encoder_weights.py`.
+`encoders/weights.py`.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcssdae.encoder_dc import Stage
-from dcssdae.posterior import Posterior, check_image
+from dcssdae.encoders.dc_ae import Stage
+from dcssdae.encoders.posterior import Posterior, check_image
 
 # ----------------------------------------------------------------------------------------------------------------
 # ResNet block (LDM `ResnetBlock`, no time embedding): GN -> SiLU -> conv3x3 -> GN -> SiLU -> conv3x3, plus a 1x1

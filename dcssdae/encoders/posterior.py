@@ -1,6 +1,6 @@
 """The latent distribution every encoder returns (`Posterior`) and the input check every encoder runs (`check_image`).
 
-Imported by the encoder networks (`encoder_dc.py`, `encoder_kl.py`); imports nothing of ours.
+Imported by the encoder networks (`encoders/dc_ae.py`, `encoders/kl_f8.py`); imports nothing of ours.
 """
 
 import torch

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dcssdae.autoencoder import build_corruption, corruption_config
-from dcssdae.corruption import EquilibriumMatching, FlowMatching
+from dcssdae.objectives import EquilibriumMatching, FlowMatching
 
 DECAYS = ["linear", "truncated", "piecewise"]
 PROCESSES = [EquilibriumMatching(d) for d in DECAYS] + [EquilibriumMatching("piecewise", multiplier=1.5, a=0.6),
@@ -170,13 +170,13 @@ def test_instantiable_from_yaml_class_path():
     parser = jsonargparse.ArgumentParser()
     parser.add_argument("--corruption", type=EquilibriumMatching | FlowMatching)
     config = parser.parse_string(
-        "corruption:\n  class_path: dcssdae.corruption.EquilibriumMatching\n"
+        "corruption:\n  class_path: dcssdae.objectives.EquilibriumMatching\n"
         "  init_args:\n    decay: truncated\n    a: 0.7\n"
     )
     corruption = parser.instantiate_classes(config).corruption
     assert isinstance(corruption, EquilibriumMatching)
     assert (corruption.decay, corruption.a, corruption.multiplier) == ("truncated", 0.7, 4.0)
-    config = parser.parse_string("corruption:\n  class_path: dcssdae.corruption.FlowMatching\n")
+    config = parser.parse_string("corruption:\n  class_path: dcssdae.objectives.FlowMatching\n")
     assert isinstance(parser.instantiate_classes(config).corruption, FlowMatching)
 
 
@@ -215,7 +215,7 @@ def test_denoiser_form_of_every_decay_uses_k_equal_c0(decay):
 def test_gated_denoiser_blends_its_input_and_its_image_by_the_gate():
     """out = [D~, g]: D = s x_gamma + (1 - s) D~ with s = sigmoid(g + GATE_BIAS); a closed gate is the denoiser form,
     an open one passes x_gamma through (zero field); x0_hat = D under the linear decay and the loss is k^2 |D - x|^2."""
-    from dcssdae.corruption import GATE_BIAS
+    from dcssdae.objectives import GATE_BIAS
 
     x, noise = _batch()
     image = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
@@ -243,10 +243,10 @@ def test_gated_autoencoder_has_a_gate_channel_and_round_trips():
     """The decoder gets one more output channel for the gate; a fresh model decodes (almost) to grey in one step;
     the saved config rebuilds the same network."""
     from dcssdae.autoencoder import DCSSDAE
-    from dcssdae.corruption import GATE_BIAS
+    from dcssdae.objectives import GATE_BIAS
 
     torch.manual_seed(0)
-    corruption = {"class_path": "dcssdae.corruption.EquilibriumMatching", "init_args": {"parameterization": "gated"}}
+    corruption = {"class_path": "dcssdae.objectives.EquilibriumMatching", "init_args": {"parameterization": "gated"}}
     model = DCSSDAE("tiny-f8c4", "tiny", corruption=corruption).eval()
     assert model.decoder.out_conv.out_channels == 4 and model.decoder.image_channels == 3
     assert "extra_out_channels" not in model.config()["decoder_overrides"]
@@ -285,10 +285,10 @@ def test_zero_output_network_decodes_one_step_to_grey_not_noise():
 def test_saved_configs_without_parameterization_build_the_field_form_and_new_ones_round_trip():
     from dcssdae.autoencoder import build_corruption, corruption_config
 
-    old = {"class_path": "dcssdae.corruption.EquilibriumMatching",
+    old = {"class_path": "dcssdae.objectives.EquilibriumMatching",
            "init_args": {"decay": "linear", "multiplier": 2.0, "a": 0.8, "b": 1.4}}
     assert build_corruption(old).parameterization == "field"
-    assert build_corruption({"class_path": "dcssdae.corruption.EquilibriumMatching"}).parameterization == "field"
+    assert build_corruption({"class_path": "dcssdae.objectives.EquilibriumMatching"}).parameterization == "field"
     assert build_corruption(None).parameterization == "denoiser"
     for corruption in (EquilibriumMatching(), EquilibriumMatching("truncated", parameterization="field"),
                        FlowMatching(logit_mean=0.5)):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from dcssdae.guards import NonFiniteGuard, NonFiniteLossError
+from dcssdae.nonfinite_guard import NonFiniteGuard, NonFiniteLossError
 
 
 class Tiny(L.LightningModule):

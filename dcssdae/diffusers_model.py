@@ -33,8 +33,8 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("dcssdae.AutoencoderDCSSD needs diffusers: pip install 'dcssdae[diffusers]'") from error
 
+from dcssdae.atomic_files import atomic_folder
 from dcssdae.autoencoder import DCSSDAE
-from dcssdae.files import atomic_folder
 
 DCSSDAE_KEYS = ("encoder", "decoder", "encoder_overrides", "decoder_overrides", "corruption", "sampler")
 
