@@ -83,7 +83,7 @@ def build_corruption(config: Corruption | dict[str, Any] | None) -> Corruption:
         class_path = "dcssdae.objectives." + class_path[len(LEGACY_MODULE) + 1:]
     module, _, name = class_path.rpartition(".")
     known = {"dcssdae.objectives.EquilibriumMatching", "dcssdae.objectives.FlowMatching"}
-    if class_path not in known and module != "dcssdae.objectives":
+    if class_path not in known:
         raise ValueError(f"unknown corruption {config['class_path']!r}; known: {sorted(known)}")
     init_args = dict(config.get("init_args") or {})
     if class_path == "dcssdae.objectives.EquilibriumMatching":

@@ -285,9 +285,12 @@ def test_zero_output_network_decodes_one_step_to_grey_not_noise():
 def test_saved_configs_without_parameterization_build_the_field_form_and_new_ones_round_trip():
     from dcssdae.autoencoder import build_corruption, corruption_config
 
-    old = {"class_path": "dcssdae.objectives.EquilibriumMatching",
+    old = {"class_path": "dcssdae.corruption.EquilibriumMatching",  # the module's older name
            "init_args": {"decay": "linear", "multiplier": 2.0, "a": 0.8, "b": 1.4}}
     assert build_corruption(old).parameterization == "field"
+    assert isinstance(build_corruption({"class_path": "dcssdae.corruption.FlowMatching"}), FlowMatching)
+    with pytest.raises(ValueError, match="unknown corruption"):
+        build_corruption({"class_path": "dcssdae.corruption.Nothing"})
     assert build_corruption({"class_path": "dcssdae.objectives.EquilibriumMatching"}).parameterization == "field"
     assert build_corruption(None).parameterization == "denoiser"
     for corruption in (EquilibriumMatching(), EquilibriumMatching("truncated", parameterization="field"),
