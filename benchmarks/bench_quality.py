@@ -1,5 +1,5 @@
 """Quality against compute: Equilibrium Matching against flow matching at an equal training budget, and quality
-against decoder evaluations (NFE) for the samplers (issue 6).
+against decoder evaluations (NFE) for the samplers (docs/experiments/sampler_schedules.md).
 
 Two sub-commands, so that training can run where the GPU is and rFID where its Inception weights are:
 
