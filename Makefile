@@ -33,7 +33,7 @@ quickstart:
 	$(PY) -m dcssdae.cli fit --config configs/quickstart.yaml
 
 # The whole recipe on a CPU (~27 min on 2 idle cores): phase 1 = the quick-start, phase 2 at twice the resolution,
-# phase 3, one-step distillation, export; then every stage and bicubic scored on the held-out photos.
+# phase 3, one-step distillation, export; then every stage and bicubic scored on the dev photos.
 CPU_RUNS ?= $(RUNS)/cpu
 cpu-recipe:
 	$(PY) -m dcssdae.cli fit --config configs/quickstart.yaml --trainer.default_root_dir $(CPU_RUNS)/phase1

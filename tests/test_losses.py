@@ -7,7 +7,7 @@ import urllib.error
 import pytest
 import torch
 
-from dcssdae.losses import LossWeights, LPIPSLoss, REPALoss, kl_loss, loss_terms
+from dcssdae.losses import LossWeights, LPIPSLoss, REPALoss, kl_loss, loss_terms, lowpass_loss
 from dcssdae.objectives import EquilibriumMatching, FlowMatching
 
 
@@ -250,3 +250,15 @@ def test_loss_weights():
         weights.total({"eqm": torch.tensor(1.0), "gan": torch.tensor(1.0)})
     with pytest.raises(ValueError, match="must be a scalar"):
         weights.total({"eqm": torch.ones(2)})
+
+
+def test_lowpass_loss_sees_colour_and_tone_not_detail():
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    detail = x + 0.5 * torch.tensor([1.0, -1.0]).repeat(32).view(1, 1, 1, 64)  # +-0.5 on alternate columns
+    tinted = x + torch.tensor([0.1, 0.0, -0.1]).view(1, 3, 1, 1)
+    assert lowpass_loss(x, x) == 0 and lowpass_loss(detail, x) < 1e-10  # block averages of the detail cancel
+    assert lowpass_loss(tinted, x).item() == pytest.approx(2 * 0.1**2 / 3, rel=1e-4)
+    assert lowpass_loss(x[..., :16, :16], x[..., :16, :16] + 0.1).item() == pytest.approx(0.01, rel=1e-4)  # 8, 16
+    with pytest.raises(ValueError, match="exceeds the image"):
+        lowpass_loss(x[..., :4, :4], x[..., :4, :4])
+    assert LossWeights().lowpass == 0 and LossWeights(lowpass=2.0).total({"lowpass": torch.tensor(0.5)}) == 1.0
