@@ -246,7 +246,7 @@ def test_loss_weights():
     terms = {"eqm": torch.tensor(2.0), "lpips": torch.tensor(0.4), "repa": torch.tensor(0.8), "kl": torch.tensor(1e3)}
     torch.testing.assert_close(weights.total(terms), torch.tensor(2.0 + 0.2 + 0.2 + 1e-3))
     torch.testing.assert_close(LossWeights(lpips=0.0).total({"lpips": torch.tensor(3.0)}), torch.tensor(0.0))
-    with pytest.raises(KeyError, match=r"\['gan'\] have no weight; LossWeights has: data, distill, eqm, fm, kl, lpips, repa, stlpips"):
+    with pytest.raises(KeyError, match=r"\['gan'\] have no weight; LossWeights has: data, distill, eqm, fm, kl, lowpass, lpips, repa, stlpips"):
         weights.total({"eqm": torch.tensor(1.0), "gan": torch.tensor(1.0)})
     with pytest.raises(ValueError, match="must be a scalar"):
         weights.total({"eqm": torch.ones(2)})
