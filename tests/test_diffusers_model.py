@@ -58,8 +58,8 @@ def accelerate(request, monkeypatch):
     if request.param == "accelerate":
         pytest.importorskip("accelerate")
         return True
-    import diffusers.models.modeling_utils as modeling_utils
-    import diffusers.pipelines.pipeline_utils as pipeline_utils
+    from diffusers.models import modeling_utils
+    from diffusers.pipelines import pipeline_utils
 
     for module in (modeling_utils, pipeline_utils):
         monkeypatch.setattr(module, "is_accelerate_available", lambda: False)
