@@ -72,7 +72,8 @@ def test_tiled_call_of_a_local_map_is_exact(tiling):
 
 def test_tiled_call_of_a_non_local_map_blends_the_tiles_it_cut():
     """A map whose output depends on the whole tile (minus the tile's mean): tiled_call cuts 2 x 3 tiles, a pixel
-    that one tile covers is that tile's output (up to float rounding of w * y / w), one that several cover lies between their outputs."""
+    that one tile covers is that tile's output (up to the rounding of w * y / w), one that several cover lies
+    between their outputs."""
     x = torch.randn(1, 2, 48, 80)
     calls = []
 
