@@ -295,10 +295,10 @@ class AutoencoderDCSSD(ModelMixin, ConfigMixin):
         kwargs.pop("variant", None)
         with tempfile.TemporaryDirectory(prefix="dcssdae-diffusers-") as tmp:
             _as_diffusers_folder(here, Path(tmp))
-            model = super().from_pretrained(tmp, **kwargs)
-        model = model[0] if isinstance(model, tuple) else model  # output_loading_info
+            loaded = super().from_pretrained(tmp, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
         model.register_to_config(_name_or_path=str(here))
-        return model
+        return loaded
 
     # -- saving -----------------------------------------------------------------------------------------
 

@@ -194,32 +194,33 @@ def test_cpu_generator_with_a_model_on_the_gpu():
 # Saving and loading
 
 
-@pytest.mark.parametrize("options", [{}, {"low_cpu_mem_usage": False}, {"device_map": "cpu"},
-                                     {"max_shard_size": "200KB"}], ids=["default", "low_mem_off", "device_map",
-                                                                        "sharded"])
-def test_save_reload_decode_gives_the_same_images(tmp_path, accelerate, options):
+def test_save_reload_decode_gives_the_same_images(tmp_path, accelerate):
+    """Every diffusers loading path of a save_pretrained folder: default (low_cpu_mem_usage with accelerate),
+    low_cpu_mem_usage=False, device_map (accelerate only, diffusers' requirement), sharded weights."""
     vae = tiny_vae(latent_scale=0.7)
-    save = {k: v for k, v in options.items() if k == "max_shard_size"}
-    load = {k: v for k, v in options.items() if k != "max_shard_size"}
-    vae.save_pretrained(tmp_path / "vae", **save)
-    names = sorted(p.name for p in (tmp_path / "vae").iterdir())
-    if save:
-        assert "diffusion_pytorch_model.safetensors.index.json" in names and len(names) > 3
-    else:
-        assert names == ["config.json", "diffusion_pytorch_model.safetensors"]
-    if "device_map" in load and not accelerate:
-        with pytest.raises(NotImplementedError, match="accelerate"):  # diffusers' own requirement
-            AutoencoderDCSSD.from_pretrained(tmp_path / "vae", **load)
-        return
-    loaded = AutoencoderDCSSD.from_pretrained(tmp_path / "vae", **load)
-    assert not loaded.training and loaded.config.scaling_factor == 0.7
-    assert isinstance(loaded.encoder, torch.nn.Module)
+    vae.save_pretrained(tmp_path / "vae")
+    assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == ["config.json",
+                                                                   "diffusion_pytorch_model.safetensors"]
+    vae.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    sharded = sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    assert "diffusion_pytorch_model.safetensors.index.json" in sharded and len(sharded) > 3
     x = images()
     z = encode(vae, x)
-    assert torch.equal(encode(loaded, x), z) and torch.equal(decode(loaded, z), decode(vae, z))
+    x_hat = decode(vae, z)
+    loads = [("vae", {}), ("vae", {"low_cpu_mem_usage": False}), ("sharded", {})]
+    if accelerate:
+        loads += [("vae", {"device_map": "cpu"}), ("sharded", {"device_map": "auto"})]
+    else:
+        with pytest.raises(NotImplementedError, match="accelerate"):  # diffusers' own requirement
+            AutoencoderDCSSD.from_pretrained(tmp_path / "vae", device_map="cpu")
+    for folder, options in loads:
+        loaded = AutoencoderDCSSD.from_pretrained(tmp_path / folder, **options)
+        assert not loaded.training and loaded.config.scaling_factor == 0.7, (folder, options)
+        assert isinstance(loaded.encoder, torch.nn.Module)
+        assert torch.equal(encode(loaded, x), z) and torch.equal(decode(loaded, z), x_hat), (folder, options)
 
 
-def test_dit_pipeline_from_pretrained_of_a_saved_pipeline(tmp_path, accelerate):
+def test_dit_pipeline_from_pretrained_of_a_saved_pipeline(tmp_path):
     """A real diffusers pipeline (class-conditional DiT, tiny random transformer) decodes through AutoencoderDCSSD
     (latents of 8 x 8 x c4 become 64 x 64 images, divided by config.scaling_factor first); saved and loaded back with
     DiTPipeline.from_pretrained, in float32 and in bfloat16, it gives the same images."""
