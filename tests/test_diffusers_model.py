@@ -423,6 +423,25 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_less_saved_activat
         assert torch.equal(vae.encode(x).latent, z)
 
 
+def test_checkpointing_benchmark_reports_ratios_in_one_process(tmp_path, monkeypatch):
+    """benchmarks/bench_checkpointing.py on the tiny presets: both settings measured, the same gradients, less saved
+    activation memory with checkpointing, the rows written as JSON with the command and commit."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    bench = importlib.import_module("bench_checkpointing")
+    out = tmp_path / "bench.json"
+    result = bench.main(["--device", "cpu", "--encoder", "tiny-f8c4", "--decoder", "tiny", "--sizes", "32",
+                         "--json", str(out)])
+    (row,) = result["rows"]
+    assert row["grad_max_abs_diff"] == 0 and row["off"]["loss"] == row["on"]["loss"]
+    assert row["ratio"]["saved"] < 0.6 and row["on"]["time"] > 0 and row["off"]["peak"] > 0
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == [row] and "bench_checkpointing.py" in saved["settings"]["command"]
+    assert "commit" in saved["settings"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Latent statistics
 
