@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     iters = args.iters or (5 if device.type == "cuda" else 1)
     autocast = (lambda: torch.autocast(device.type, torch.bfloat16)) if args.dtype == "bf16" else contextlib.nullcontext
+    try:  # the code measured: read before the run
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
     vae = build(args.encoder, args.decoder, device)
 
     def step(x: torch.Tensor, checkpointing: bool) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
@@ -126,11 +131,6 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['off']['peak'] / 2**20:.0f} -> {row['on']['peak'] / 2**20:.0f} MiB (x{row['ratio']['peak']:.3f}), "
               f"time {row['off']['time']:.2f} -> {row['on']['time']:.2f} s (x{row['ratio']['time']:.2f}), "
               f"gradients differ by at most {row['grad_max_abs_diff']:.3g}")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
     result = {
         "settings": {**vars(args), "iters": iters, "torch": torch.__version__, "commit": commit,
                      "command": "python benchmarks/bench_checkpointing.py " + " ".join(sys.argv[1:] if argv is None
