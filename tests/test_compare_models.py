@@ -85,7 +85,7 @@ def test_scores_models_with_their_settings_beside_bicubic(compare, tiny_cli, tmp
 
 
 def test_decoder_noise_is_drawn_per_image_as_validation_draws_it(compare, tiny_cli, tmp_path):
-    """The same images scored in batches of 1 and of 3 give the same numbers (noise from each image's key)."""
+    """The same images scored in batches of 1 and of 2 give the same numbers (noise from each image's key)."""
     from dcssdae.autoencoder import DCSSDAE
     from dcssdae.export import write_export
 
@@ -94,13 +94,13 @@ def test_decoder_noise_is_drawn_per_image_as_validation_draws_it(compare, tiny_c
     torch.nn.init.normal_(model.decoder.out_conv.weight, std=0.1)
     folder = write_export(model, tmp_path / "model")
     results = []
-    for batch in (1, 3):
+    for batch in (1, 2):
         out = tmp_path / f"batch{batch}"
-        assert compare.main(["--model", f"m={folder}@2", "--size", "64", "--batch", str(batch), "--limit", "3",
+        assert compare.main(["--model", f"m={folder}@2", "--size", "64", "--batch", str(batch), "--limit", "2",
                              "--no-rfid", "--picture-size", "32", "--out", str(out)]) == 0
         results.append(json.loads(out.with_suffix(".json").read_text())["models"]["m"])
-    assert results[0]["psnr"] == pytest.approx(results[1]["psnr"], rel=1e-6)
-    assert results[0]["psnr_ci95"] == pytest.approx(results[1]["psnr_ci95"], rel=1e-6)
+    for name in ("psnr", "psnr_ci95", "lowpass_psnr", "stlpips_alex"):  # up to the round-off of other batch sizes
+        assert results[0][name] == pytest.approx(results[1][name], rel=1e-5), name
 
 
 def test_draws_average_the_metrics_and_measure_the_spread(compare, tiny_cli, tmp_path):
