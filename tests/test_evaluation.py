@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dcssdae.data import ImageNetDataModule, default_photo_splits
+from dcssdae.data import DEFAULT_PHOTO_SPLITS, ImageNetDataModule
 from dcssdae.losses import LossWeights
 from dcssdae.system import DCSSDAESystem
 
@@ -145,15 +145,15 @@ def _report(name: str, command: str = "validate") -> dict:
 
 @pytest.fixture(scope="module")
 def validated(tiny_cli, checkpoint) -> dict:
-    """validate_metrics.json of the checkpoint on the 6 held-out photos, one process, batches of 2."""
+    """validate_metrics.json of the checkpoint on the 8 dev photos, one process, batches of 2."""
     assert tiny_cli("validate", "one_process", "--ckpt_path", str(checkpoint), *EVALUATION) == 0
     return _report("one_process")
 
 
 def test_the_same_checkpoint_validates_to_the_same_numbers_on_one_and_two_processes(tiny_cli, checkpoint, validated):
-    """The 6 held-out photos in batches of 2: 3 batches on one process, (2, 1) batches on each of two gloo ranks.
-    Every image gets the same noise either way, so every column's PSNR, ST-LPIPS, low-pass PSNR, SSIM and their
-    intervals agree."""
+    """The 8 dev photos in batches of 2: 4 batches on one process, 2 on each of two gloo ranks (each rank takes every
+    other photo, so the batches hold other images together). Every image gets the same noise either way, so every
+    column's PSNR, ST-LPIPS, low-pass PSNR, SSIM and their intervals agree."""
     result = tiny_cli.subprocess("validate", "two_processes", "--ckpt_path", str(checkpoint), *EVALUATION,
                                  "--trainer.devices", "2", "--trainer.strategy", "ddp")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -161,7 +161,7 @@ def test_the_same_checkpoint_validates_to_the_same_numbers_on_one_and_two_proces
     one, two = validated, _report("two_processes")
     for column in (None, "1 step", "bicubic"):
         a, b = (one, two) if column is None else (one[column], two[column])
-        assert a["num_images"] == b["num_images"] == 6
+        assert a["num_images"] == b["num_images"] == 8
         for name in ("psnr", "stlpips_alex", "lowpass_psnr", "ssim"):
             assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-6), (column, name)
             assert b[f"{name}_ci95"] == pytest.approx(a[f"{name}_ci95"], rel=1e-6, abs=1e-6), (column, name)
@@ -181,7 +181,7 @@ def test_test_command_scores_the_test_split_and_writes_the_validate_layout(tiny_
     test = _report("test_split", "test")
     assert _layout(test) == _layout(validated) and {"1 step", "bicubic"} <= test.keys()
     assert "psnr_ci95" in test and "lowpass_psnr" in test["bicubic"] and "stlpips_alex_ci95" in test["1 step"]
-    split = default_photo_splits()["test"]
+    split = DEFAULT_PHOTO_SPLITS["test"]
     manifest = json.loads(next(Path("data/photos", split).glob("manifest.json")).read_text())
     assert test["num_images"] == manifest["total"] and test["checkpoint"] == str(checkpoint.absolute())
 
@@ -189,7 +189,7 @@ def test_test_command_scores_the_test_split_and_writes_the_validate_layout(tiny_
 def test_test_shards_default_to_the_test_photos_or_to_the_validation_data(tiny_cli, tmp_path):
     from dcssdae.photos import ensure_default_photos
 
-    splits = default_photo_splits()
+    splits = DEFAULT_PHOTO_SPLITS
     urls = ensure_default_photos(splits=tuple(dict.fromkeys(splits.values())))
     default = ImageNetDataModule(num_workers=0)
     default.setup("fit")
