@@ -18,8 +18,9 @@ Three ways to score the same three columns of reconstructions of the same images
 Per way: seconds to build the metric objects, seconds for the batches (networks built on first use included), and
 seconds after the last batch (every column's compute): what `dcssdae validate` waits for once its last image is
 decoded. Each as wall-clock seconds and as CPU seconds of this process (`*_cpu_s`, steadier on a shared machine);
-with `--repeat N` the ways run N times in turn and the fastest run of each is kept. The reconstructions are fixed stand-ins (the input with noise, blurred, bicubic at the f8c4 budget): the
-metrics' cost does not depend on the decoder. rFID is computed by every way (the shared one with rfid_min_images 2,
+with `--repeat N` the ways run N times in turn and the fastest run of each is kept. The reconstructions are fixed
+stand-ins (the input with noise, blurred, bicubic at the f8c4 budget): the metrics' cost does not depend on the
+decoder. rFID is computed by every way (the shared one with rfid_min_images 2,
 only to compare it: `dcssdae validate` omits it below 2048 images) and must agree.
 """
 
