@@ -164,7 +164,8 @@ def test_the_same_checkpoint_validates_to_the_same_numbers_on_one_and_two_proces
         assert a["num_images"] == b["num_images"] == 8
         for name in ("psnr", "stlpips_alex", "lowpass_psnr", "ssim"):
             assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-6), (column, name)
-            assert b[f"{name}_ci95"] == pytest.approx(a[f"{name}_ci95"], rel=1e-6, abs=1e-6), (column, name)
+            # (the interval's ends are single resampled means: batch-size round-off moves them by a few 1e-6)
+            assert b[f"{name}_ci95"] == pytest.approx(a[f"{name}_ci95"], rel=1e-5, abs=1e-5), (column, name)
 
 
 # ------------------------------------------------------------------------------------------------
