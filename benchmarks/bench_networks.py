@@ -77,7 +77,7 @@ REFERENCES = ("dc-ae", "sd-vae")
 PARTS = ("encoder", "decoder", "train")
 
 # ----------------------------------------------------------------------------------------------------
-# Reference autoencoders (diffusers), configured as in /work/shared/notes/environment.md section 4; `tiny`
+# Reference autoencoders (diffusers), configured as diffusers and DC-AE publish them; `tiny`
 # shrinks them for tests only.
 
 

@@ -107,7 +107,7 @@ def make_cli_class():
                                  "checkpoint.enable_version_counter": False})
             parser.add_lightning_class_args(ReconstructionGrid, "grid")
             parser.add_lightning_class_args(Throughput, "throughput")
-            # Reliability (see README, "Running on a cluster"): skip NaN/Inf steps, checkpoint on SIGTERM/Ctrl+C,
+            # Reliability (docs/training.md, clusters): skip NaN/Inf steps, checkpoint on SIGTERM/Ctrl+C,
             # per-step seeding for exact resume; every checkpoint is written atomically and read weights-only.
             parser.add_lightning_class_args(NonFiniteGuard, "guard")
             parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")

@@ -244,7 +244,7 @@ class UViTDecoder(nn.Module):
             latent_skip: add a learned linear map of z (1x1 conv to the image channels, zero at init, upsampled
                 bilinearly) to the image channels of the prediction: a direct path for the low frequencies, the
                 decoder-side counterpart of DC-AE's residual shortcuts (Chen et al. 2025, Sec. 3.2). Not in SSDD
-                (False in every preset); the CPU quick-start uses it (README, "Low frequencies and the latent skip").
+                (False in every preset); the CPU quick-start uses it (docs/experiments/latent_skip.md).
         """
         super().__init__()
         if len(channel_mult) != 4:

@@ -111,7 +111,7 @@ class EquilibriumMatching:
                 pure noise (P(1 - gamma > 0.5) = 1 - 0.5^(1/p): 3/4 at p = 0.5, 7/8 at p = 0.33), the levels that
                 decide an image's content (the direction of the resolution-dependent shift of Esser et al. 2024,
                 Sec. 5.3.2, for a model that decodes larger images than it trained on; the quick-start's p = 0.5 is
-                measured in the README). Too few levels near the data and the sampler stops sampling: at p = 0.33
+                measured in docs/experiments/training_levels.md). Too few levels near the data and the sampler stops sampling: at p = 0.33
                 the quick-start's 16-step decodes of one z differ by 0.0002 (pixel std over noise draws, in [0, 1])
                 against 0.020 at p = 0.5 and 0.033 at p = 1.
             uniform_fraction: the fraction of training levels drawn from the paper's gamma ~ U[0, 1) instead of

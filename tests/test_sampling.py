@@ -391,7 +391,7 @@ def test_noise_schedule_samples_a_gaussian_with_the_right_spread(gaussian, metho
 def test_coarse_schedules_sample_with_less_spread(gaussian, steps, power, spread):
     """The spread (of 0.3) that gd keeps on the exact field of the Gaussian, by schedule: 16 steps at power 2 (the
     default) is within 4%; fewer or coarser steps under-disperse, and 2 steps at power 0.5 (t = 1, 0.71, 0) end
-    within 12% of the spread from the posterior mean. The README compares these with a trained model's rFID."""
+    within 12% of the spread from the posterior mean."""
     mu, noise = gaussian
     field = gaussian_field(EquilibriumMatching(), mu, SIGMA)
     x, nfe = sample(field, noise, "gd", steps=steps, power=power)

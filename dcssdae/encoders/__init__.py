@@ -4,7 +4,7 @@
 The networks live in their own files: the DC-AE encoder in `encoders/dc_ae.py` (Chen, Cai et al., ICLR 2025), the LDM /
 SD-VAE KL-f8 encoder (`vq_f8c4`) in `encoders/kl_f8.py`; both return a `Posterior` (`encoders/posterior.py`). Pretrained weights
 load through `encoders/weights.py`. Imports flow one way: posterior <- dc_ae <- kl_f8 <- weights <-
-encoder; the names below are re-exported so that `from dcssdae.encoders import Posterior, DCEncoder, ...` works.
+this registry; the names below are re-exported so that `from dcssdae.encoders import Posterior, DCEncoder, ...` works.
 """
 
 import inspect
