@@ -21,9 +21,9 @@ Two sub-commands, so that training can run where the GPU is and rFID where its I
   used is reported) and FM with Euler, at `--nfe` 1 2 4 8 16. Writes `results.json`, `quality_vs_steps.png` and
   `quality_vs_nfe.png` into `--out` (default: the runs folder) and prints the tables.
 
-rFID here is computed on a few dozen crops of 12 images: biased and noisy, for comparing the two runs only (papers
-use 50k ImageNet images). The NFE sweep uses the first `--nfe-crops` crops of each image (default 1: the 12
-validation images `dcssdae validate` sees).
+rFID here is computed on a few dozen crops of the 8 dev photos: biased and noisy, for comparing the two runs only
+(papers use 50k ImageNet images). The NFE sweep uses the first `--nfe-crops` crops of each image (default 1: the 8
+dev photos `dcssdae validate` sees).
 
 CPU (2 cores; measured: 458 s for 500 FM steps on the idle machine, 1042 s for EqM's with other jobs running;
 evaluate ~7 min):

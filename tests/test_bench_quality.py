@@ -80,7 +80,7 @@ def test_evaluate_writes_results_and_figures(work):
     for run in results["runs"].values():
         assert [p["step"] for p in run["curve"]] == [2, 4]
         for point in run["curve"]:
-            assert point["num_images"] == 12 and point["nfe"] == 8.0  # the configured 8-step samplers
+            assert point["num_images"] == 16 and point["nfe"] == 8.0  # the configured 8-step samplers
             assert 0 < point["psnr"] < 60 and -1 <= point["ssim"] <= 1 and 0 <= point["stlpips_alex"] <= 2
             assert "rfid" not in point
     eqm, fm = results["runs"]["eqm"]["nfe_sweep"], results["runs"]["fm"]["nfe_sweep"]
@@ -88,7 +88,7 @@ def test_evaluate_writes_results_and_figures(work):
     for method, points in {**eqm, **fm}.items():
         assert [p["nfe_budget"] for p in points] == [1, 2]
         for p in points:
-            assert p["num_images"] == 6 and p["sampler"]["method"] == method
+            assert p["num_images"] == 8 and p["sampler"]["method"] == method
             if method == "adaptive":
                 assert 1 <= p["nfe"] <= p["nfe_budget"]
             else:
