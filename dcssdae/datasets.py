@@ -23,15 +23,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dcssdae.images import (  # noqa: F401 (re-exported: decoding and transforms live in dcssdae.images)
-    IMAGE_EXTENSIONS,
-    ImageDecodeError,
-    color_matrix,
-    decode_image,
-    to_rgb,
-    train_transform,
-    val_transform,
-)
+from dcssdae.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, train_transform, val_transform
 
 log = logging.getLogger(__name__)
 

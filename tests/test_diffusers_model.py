@@ -371,18 +371,17 @@ def test_bf16_torch_dtype_and_fp8_layerwise_casting_decode_finite_images(tmp_pat
 
 
 def saved_activation_bytes(fn) -> tuple[torch.Tensor, int]:
-    """fn()'s result and the bytes of the tensors autograd saved for backward while it ran: the activations held
-    until backward (parameters excluded, each storage counted once)."""
-    saved = {}
+    """fn()'s result and the bytes autograd saved for backward (benchmarks/bench_checkpointing.py's measure)."""
+    import importlib
+    import sys
+    from pathlib import Path
 
-    def pack(t):
-        if not isinstance(t, torch.nn.Parameter):
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(saved.values())
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # it imports its sibling modules
+    try:
+        bench = importlib.import_module("bench_checkpointing")
+    finally:
+        sys.path.pop(0)
+    return bench.saved_bytes(fn)
 
 
 @pytest.mark.parametrize("encoder", ["tiny-f8c4", "tiny-vq_f8c4"])
