@@ -164,7 +164,8 @@ class DCSSDAE(nn.Module):
 
     def default_sampler(self, steps: int | None = None) -> dict[str, Any]:
         """EqM: 16 steps of gradient descent on the noise schedule (power 2; the DDIM update, a sample of
-        p(x | z), within 4% of the true spread on a Gaussian, 10% at 8 steps); FM: 8 Euler steps."""
+        p(x | z): on the exact field of a 2000-dimensional Gaussian within 4% of the true spread, 10% at 8 steps;
+        `dcssdae.sampling.ddim_gaussian_spread` with known levels); FM: 8 Euler steps."""
         if isinstance(self.corruption, FlowMatching):
             return {"method": "euler", "steps": steps or 8}
         return {"method": "gd", "steps": steps or 16, "schedule": "noise", "power": 2.0}
