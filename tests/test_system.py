@@ -499,11 +499,13 @@ def test_training_level_settings_do_not_make_another_network(tmp_path):
     from dcssdae.cli import reconcile_with_checkpoint
 
     given = {"corruption": corruption_config(EquilibriumMatching(noise_power=3.0))}
-    reconcile_with_checkpoint("dcssdae.system.DCSSDAESystem", given, {"corruption": source.config()["corruption"]},
-                              str(path))
+    _, settings, _ = reconcile_with_checkpoint("dcssdae.system.DCSSDAESystem", given, {
+        "corruption": source.config()["corruption"]}, str(path), typed={"init_args": given})
+    assert settings["corruption"]["init_args"]["noise_power"] == 3.0
+    truncated = {"corruption": corruption_config(EquilibriumMatching(decay="truncated"))}
     with pytest.raises(ValueError, match="the network must be the checkpoint's"):
-        reconcile_with_checkpoint("dcssdae.system.DCSSDAESystem", {"corruption": corruption_config(
-            EquilibriumMatching(decay="truncated"))}, {"corruption": source.config()["corruption"]}, str(path))
+        reconcile_with_checkpoint("dcssdae.system.DCSSDAESystem", truncated, {
+            "corruption": source.config()["corruption"]}, str(path), typed={"init_args": truncated})
     fm = DCSSDAESystem(**{**TINY, "corruption": FlowMatching()})
     fm.check_corruption(DCSSDAE("tiny-f32c8", "tiny", corruption=FlowMatching(logit_mean=0.5)).config()["corruption"],
                         str(path))
