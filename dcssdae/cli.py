@@ -133,8 +133,10 @@ def make_cli_class():
             # reported by our loader (weights only), naming the file and the problem.
             subcommand = self.config.get("subcommand")
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt_path == "last":  # (the trainer resolves it the same way, later)
+                ckpt_path = last_checkpoint(self.config[subcommand])
             if not ckpt_path or not Path(ckpt_path).is_file():
-                return  # none, "last" / "best" (resolved by the trainer), or missing (reported by the trainer)
+                return  # none, "best" (resolved by the trainer), no last one yet, or missing (reported by the trainer)
             hparams = dict(load_checkpoint(ckpt_path).get("hyper_parameters", {}))
             model = self.config[subcommand]["model"]
             given = namespace_dict(model.get("init_args")) or {}
@@ -220,6 +222,17 @@ def model_defaults(class_path: str) -> dict:
     return defaults
 
 
+def last_checkpoint(config) -> str | None:
+    """The file `--ckpt_path last` names: the newest last.ckpt (or last-N.ckpt) in the checkpoint folder
+    (checkpoint.dirpath, else <trainer.default_root_dir>/checkpoints: see RunCheckpoint), as Lightning picks it."""
+    folder = (config.get("checkpoint") or {}).get("dirpath") or os.path.join(
+        (config.get("trainer") or {}).get("default_root_dir") or ".", "checkpoints")
+    if "://" in str(folder) or not Path(folder).is_dir():
+        return None
+    found = [p for p in Path(folder).iterdir() if p.suffix == ".ckpt" and re.match(r"^last(-\d+)?$", p.stem)]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
 def reconcile_with_checkpoint(class_path: str, given: dict | None, hparams: dict, ckpt_path,
                               typed: dict | None = None) -> tuple[str, dict, list[str]]:
     """(class_path, init_args, notes) of a run with --ckpt_path: the settings `typed` names (the parse without
@@ -242,7 +255,7 @@ def reconcile_with_checkpoint(class_path: str, given: dict | None, hparams: dict
             continue  # an option this version no longer has
         before = given.get(name, defaults[name])  # what the parse gave (the default when not given)
         if name == "corruption":
-            value = _corruption_setting(typed_args.get(name), before, saved, ckpt_path)
+            value = _corruption_setting(typed_args.get(name), before, saved)
         elif name in FIELDWISE and isinstance(typed_args.get(name), dict):
             value = {**_normal(name, saved), **namespace_dict(typed_args[name])}
         elif name in typed_args:
@@ -264,7 +277,7 @@ def reconcile_with_checkpoint(class_path: str, given: dict | None, hparams: dict
     return class_path, init_args, notes
 
 
-def _corruption_setting(typed, parsed, saved, ckpt_path):
+def _corruption_setting(typed, parsed, saved):
     """The run's corruption: the checkpoint's, with the init_args given replacing its own (another class given: the
     parsed corruption, which the architecture check then refuses)."""
     from dcssdae.autoencoder import build_corruption, corruption_config

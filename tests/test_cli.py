@@ -6,6 +6,7 @@ which every rank draws its own noise."""
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,30 +95,35 @@ def test_a_setting_taken_from_the_checkpoint_leaves_the_other_settings_alone(tin
 def test_ckpt_path_gives_what_was_given_even_at_its_default_and_restores_the_rest(tiny_cli, quickstart_ckpt,
                                                                                   minimal_config, caplog):
     """The quick-start trained with val_rfid false (the overlay) and EqM noise_power 0.5 (quickstart.yaml).
-    `validate --ckpt_path` with `--model.val_rfid true`, the class default, scores rFID; with a config that does not
-    name the corruption, the training-level noise_power comes from the checkpoint (not the default 1.0), and one line
-    says what was restored."""
+    `--ckpt_path` with `--model.val_rfid true`, the class default, keeps it (validation would score rFID); with a
+    config that does not name the corruption, the training-level noise_power comes from the checkpoint (not the
+    default 1.0), and one line says what was restored. (A fit to the step the checkpoint is at: the resolved run,
+    config.yaml, and no step.)"""
     with caplog.at_level(logging.INFO):
-        assert tiny_cli("validate", "given_default", "--ckpt_path", str(quickstart_ckpt), "--model.val_rfid", "true",
-                        config=minimal_config) == 0
-    (report,) = Path("runs/given_default").rglob("validate_metrics.json")
-    assert "rfid" in json.loads(report.read_text())
+        assert tiny_cli("fit", "given_default", "--ckpt_path", str(quickstart_ckpt), "--trainer.max_steps", "2",
+                        "--model.val_rfid", "true", config=minimal_config) == 0
     (saved,) = Path("runs/given_default").rglob("config.yaml")
     model = yaml.safe_load(saved.read_text())["model"]["init_args"]
-    assert model["corruption"]["init_args"]["noise_power"] == 0.5 and model["sampler"]["anchor"] == 3
     assert model["val_rfid"] is True and model["lr"] == 5e-4  # given; from the checkpoint
+    assert model["corruption"]["init_args"]["noise_power"] == 0.5 and model["sampler"]["anchor"] == 3
     (line,) = [r.getMessage() for r in caplog.records if "from the checkpoint (not given)" in r.getMessage()]
     assert "corruption.noise_power 0.5" in line and "lr 0.0005" in line and "val_rfid" not in line
 
 
-def test_fit_with_ckpt_path_trains_at_a_learning_rate_given_at_its_default(tiny_cli, quickstart_ckpt, caplog):
-    """Trained at lr 5e-4 (quickstart.yaml); resumed with --model.lr 1e-4 (the class default): the optimiser steps at
-    1e-4 on the same warm-up (100 steps: step 4 at 4/100 of it), and one line says what the command line changed."""
+def test_fit_with_ckpt_path_last_trains_at_a_learning_rate_given_at_its_default(tiny_cli, quickstart_ckpt,
+                                                                                minimal_config, caplog):
+    """Trained at lr 5e-4 and noise_power 0.5 (quickstart.yaml); resumed with `--ckpt_path last`, a config that does
+    not name them and --model.lr 1e-4 (the class default): the optimiser steps at 1e-4 on the checkpoint's warm-up
+    (100 steps: step 4 at 4/100 of it), the training levels stay at noise_power 0.5, and one line says what the
+    command line changed."""
+    (tiny_cli.work / "runs/lr_given/checkpoints").mkdir(parents=True)
+    shutil.copy(quickstart_ckpt, tiny_cli.last_ckpt("lr_given"))
     with caplog.at_level(logging.INFO):
-        assert tiny_cli("fit", "lr_given", "--trainer.max_steps", "3", "--ckpt_path", str(quickstart_ckpt),
-                        "--model.lr", "1e-4") == 0
+        assert tiny_cli("fit", "lr_given", "--trainer.max_steps", "3", "--ckpt_path", "last", "--model.lr", "1e-4",
+                        config=minimal_config) == 0
     end = torch.load(tiny_cli.last_ckpt("lr_given"), weights_only=True)
     assert end["global_step"] == 3 and end["hyper_parameters"]["lr"] == 1e-4
+    assert end["hyper_parameters"]["corruption"]["init_args"]["noise_power"] == 0.5
     assert end["lr_schedulers"][0]["base_lrs"] == [1e-4, 1e-4]
     assert end["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-4 * 4 / 100)
     assert any("given, replacing the checkpoint's: lr 0.0001 (checkpoint: 0.0005)" in r.getMessage()
