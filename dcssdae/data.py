@@ -57,17 +57,30 @@ def _default_split(urls: str | list[str] | None, split: str) -> str | None:
     return None
 
 
-def _resolve_default(train: str | list[str] | None, val: str | list[str] | None):
-    """Replace None / "default" / "default:<split>" by the default photo shards (written on first use, see
-    dcssdae.photos): "default" is the training photos for training and the held-out photos for validation;
-    "default:crops" the 216 views of the held-out photos."""
-    splits = {"train": _default_split(train, "train"), "val": _default_split(val, "val")}
+# The default photo split each stage reads (dcssdae.photos): validation scores the photos that choose settings, test
+# the photos that are only reported.
+DEFAULT_PHOTO_SPLITS = {"train": "train", "val": "dev", "test": "test"}
+
+
+def _resolve_default(train: str | list[str] | None, val: str | list[str] | None,
+                     test: str | list[str] | None = None, with_test: bool = False):
+    """(train, val, test) with None / "default" / "default:<split>" replaced by the default photo shards (written on
+    first use, see dcssdae.photos): "default" is the stage's split (`DEFAULT_PHOTO_SPLITS`: train, dev, test);
+    "default:crops" the 216 views of the dev photos. The test shards are resolved (and written) only `with_test`;
+    test None reads the default test photos when validation reads default photos, else the validation data (a data
+    set without a public test split, e.g. ImageNet's validation images)."""
+    names = DEFAULT_PHOTO_SPLITS
+    if test is None:
+        test = "default" if _default_split(val, names["val"]) else val
+    splits = {"train": _default_split(train, names["train"]), "val": _default_split(val, names["val"]),
+              "test": _default_split(test, names["test"]) if with_test else None}
     if not any(splits.values()):
-        return train, val
+        return train, val, test
     from dcssdae.photos import ensure_default_photos
 
     urls = ensure_default_photos(splits=tuple(dict.fromkeys(s for s in splits.values() if s)))
-    return (urls[splits["train"]] if splits["train"] else train, urls[splits["val"]] if splits["val"] else val)
+    return tuple(urls[splits[stage]] if splits[stage] else given
+                 for stage, given in (("train", train), ("val", val), ("test", test)))
 
 
 class ImageNetDataModule(L.LightningDataModule):
@@ -97,10 +110,12 @@ class ImageNetDataModule(L.LightningDataModule):
         self,
         train_shards: str | list[str] | None = None,
         val_shards: str | list[str] | None = None,
+        test_shards: str | list[str] | None = None,
         image_size: int = 256,
         val_image_size: int | None = None,
         aug_scale: float = 1.0,
         aug_color: float = 0.0,
+        aug_permute: float = 0.0,
         batch_size: int = 32,
         val_batch_size: int | None = None,
         num_workers: int = 8,
@@ -115,7 +130,11 @@ class ImageNetDataModule(L.LightningDataModule):
                 ("data/imagenet/train/train-{000000..001281}.tar"), a "::"-joined list, or a list; local
                 paths or anything webdataset opens (http(s)://, pipe:..., s3/gs through pipe:).
                 None or "default": the default photo shards.
-            val_shards: validation shard URLs, same forms as `train_shards`.
+            val_shards: validation shard URLs, same forms as `train_shards` ("default": the photos that choose
+                settings).
+            test_shards: shard URLs that `dcssdae test` scores, same forms ("default": the default photos' test
+                split, never used to choose a setting). None: "default" when val_shards is the default photos, else
+                the validation shards (e.g. ImageNet, whose labelled test split is not public).
             image_size: side S of the square crops; a multiple of 32 (256 or 512 in the DC-AE/SSDD recipe).
             val_image_size: side of the validation / test / predict images (short side resized, centre crop);
                 None: `image_size`. E.g. train on 128 px crops, score whole photos at 256 px.
@@ -126,6 +145,8 @@ class ImageNetDataModule(L.LightningDataModule):
             aug_color: colour augmentation of training crops: hue rotated by U[-pi a, pi a] about the grey axis,
                 saturation scaled by exp(U[-a, a]); 0 (default): none. For small photo sets whose palette is
                 narrow (the default photos: 0.5); ImageNet recipes leave it at 0.
+            aug_permute: probability that a training crop's RGB channels are put in a random order (one of the
+                6 orders); 0 (default): never. Like `aug_color`, for small photo sets; ImageNet recipes leave it 0.
             batch_size: training images per batch on each rank.
             val_batch_size: validation images per batch on each rank (default: `batch_size`).
             num_workers: DataLoader worker processes per rank (decoding and augmentation run there).
@@ -149,11 +170,13 @@ class ImageNetDataModule(L.LightningDataModule):
         if batch_size <= 0 or (val_batch_size is not None and val_batch_size <= 0):
             raise ValueError(f"batch sizes must be positive, got {batch_size} and {val_batch_size}")
         self.save_hyperparameters()
-        self.train_shards, self.val_shards = train_shards, val_shards
+        self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
         self.image_size, self.aug_scale = image_size, aug_scale
         if aug_color < 0:
             raise ValueError(f"aug_color must be >= 0, got {aug_color}")
-        self.aug_color = aug_color
+        if not 0 <= aug_permute <= 1:
+            raise ValueError(f"aug_permute is a probability in [0, 1], got {aug_permute}")
+        self.aug_color, self.aug_permute = aug_color, aug_permute
         self.val_image_size = val_image_size or image_size
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
@@ -168,12 +191,15 @@ class ImageNetDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build the default photo shards if they are used and missing (runs once per node)."""
-        _resolve_default(self.train_shards, self.val_shards)
+        testing = self.trainer is not None and self.trainer.state.fn == "test"
+        _resolve_default(self.train_shards, self.val_shards, self.test_shards, with_test=testing)
 
     def setup(self, stage: str | None = None) -> None:
-        train, val = _resolve_default(self.train_shards, self.val_shards)
+        testing = stage == "test"
+        train, val, test = _resolve_default(self.train_shards, self.val_shards, self.test_shards, with_test=testing)
         self.train_urls, self.val_urls = expand_urls(train), expand_urls(val)
-        urls = self.train_urls + self.val_urls
+        self.test_urls = expand_urls(test) if testing else None
+        urls = self.train_urls + self.val_urls + (self.test_urls or [])
         missing = [p for p in map(_local_path, urls) if p is not None and not p.exists()]
         if missing:
             raise FileNotFoundError(
@@ -183,7 +209,8 @@ class ImageNetDataModule(L.LightningDataModule):
         self.classes = manifest_classes(self.train_urls)
         if self.trainer is None or self.trainer.is_global_zero:  # where the run reads (default photos: built here)
             print(f"data: {len(self.train_urls)} training shards, e.g. {self.train_urls[0]}; "
-                  f"{len(self.val_urls)} validation shards, e.g. {self.val_urls[0]}")
+                  f"{len(self.val_urls)} validation shards, e.g. {self.val_urls[0]}"
+                  + (f"; {len(self.test_urls)} test shards, e.g. {self.test_urls[0]}" if testing else ""))
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -226,6 +253,7 @@ class ImageNetDataModule(L.LightningDataModule):
             self.seed,
             rank,
             self.aug_color,
+            self.aug_permute,
         )
         return _PositionedLoader(
             dataset,
@@ -245,18 +273,22 @@ class ImageNetDataModule(L.LightningDataModule):
         resume = self.resume_position
         return epoch, resume[1] if resume is not None and resume[0] == epoch else 0
 
+    def _eval_loader(self, urls: list[str]) -> DataLoader:
+        """Every image of `urls` exactly once across ranks and workers, at `val_image_size`."""
+        rank, world_size = self._rank_world()
+        dataset = ValShards(urls, self.val_image_size, self.val_batch_size, rank, world_size, self.num_workers)
+        return self._loader(dataset)
+
     def val_dataloader(self) -> DataLoader:
         if not hasattr(self, "val_urls"):
             self.setup("validate")
-        rank, world_size = self._rank_world()
-        dataset = ValShards(
-            self.val_urls, self.val_image_size, self.val_batch_size, rank, world_size, self.num_workers
-        )
-        return self._loader(dataset)
+        return self._eval_loader(self.val_urls)
 
     def test_dataloader(self) -> DataLoader:
-        """`dcssdae test`: the validation images (there is no separate ImageNet test set with labels)."""
-        return self.val_dataloader()
+        """`dcssdae test`: the test shards (`test_shards`), each image once across ranks."""
+        if getattr(self, "test_urls", None) is None:
+            self.setup("test")
+        return self._eval_loader(self.test_urls)
 
     def predict_dataloader(self) -> DataLoader:
         """`dcssdae predict`: the validation images, each exactly once across ranks (as for validation)."""

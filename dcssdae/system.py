@@ -11,9 +11,11 @@ One training step is the data flow of the DC-SSDAE write-up (Sec. 3.2):
 Phases differ only in configuration (see configs/phase*.yaml): which parameters train (`trainable`, fnmatch
 patterns over the autoencoder's parameter names), `init_from` (weights of the previous phase), image size and
 loss weights. `init_from` loads weights only (a new phase); `dcssdae fit --ckpt_path` resumes the full state.
-Validation decodes with the configured sampler from fixed-seed noise (the same images every time) and
-reports `ReconstructionMetrics`; the EMA callback swaps in the averaged weights for it. `dcssdae test` does the same
-on the data module's test images; `dcssdae predict` reconstructs them and writes `input | reconstruction` PNGs
+Validation decodes with the configured sampler from noise drawn per image from (val_seed, the image's key): the same
+images every time, on any number of processes. It reports `ReconstructionMetrics` (means with bootstrap intervals,
+KID, rFID on large sets) for the model, other step counts and the bicubic baseline; the EMA callback swaps in the
+averaged weights for it. `dcssdae test` does the same on the data module's test images and writes
+`test_metrics.json`; `dcssdae predict` reconstructs the validation images and writes `input | reconstruction` PNGs
 (`ReconstructionWriter`, below).
 
 Noise: every training batch draws its noise (posterior sample, levels, corruption noise) from the global RNGs, which
@@ -43,9 +45,16 @@ from dcssdae.autoencoder import (
     network_corruption_config,
 )
 from dcssdae.baselines import baseline
-from dcssdae.losses import LossWeights, LPIPSLoss, REPALoss, kl_loss
+from dcssdae.losses import LossWeights, LPIPSLoss, REPALoss, kl_loss, lowpass_loss
 from dcssdae.lr_schedule import LRSchedule
-from dcssdae.metrics import ReconstructionMetrics, format_table, psnr_uint8, quantize_uint8
+from dcssdae.metrics import (
+    ReconstructionMetrics,
+    format_table,
+    image_keys,
+    keyed_noise,
+    psnr_uint8,
+    quantize_uint8,
+)
 from dcssdae.objectives import EquilibriumMatching, FlowMatching
 
 # Parameters that get no weight decay: biases, norm gains, embeddings and position tables (any tensor with < 2
@@ -112,6 +121,7 @@ class DCSSDAESystem(pl.LightningModule):
         val_steps: int | None = None,
         val_extra_steps: list[int] | None = None,
         val_rfid: bool = True,
+        val_kid: bool | None = None,
         val_lpips: str | list[str] | None = "lpips",
         val_baseline: Literal["bicubic"] | None = "bicubic",
         val_seed: int = 0,
@@ -157,14 +167,18 @@ class DCSSDAESystem(pl.LightningModule):
                 and logged beside the model (`val_<n>step/*`), e.g. [1]: the one-step decoder (the posterior mean
                 of an undistilled EqM model) next to the sampling default. `[]` turns them off (with --ckpt_path,
                 None keeps the checkpoint's).
-            val_rfid: compute rFID at validation (TF-Inception; meaningful on >= 10k images).
+            val_rfid: compute rFID at validation (TF-Inception features); reported from 2048 images (comparable with
+                published rFID on 50k), omitted on smaller sets (`rfid_omitted` says so).
+            val_kid: compute KID (and its standard deviation over subsets) on the same Inception features, the
+                statistic that fits small sets; None: when val_rfid is on.
             val_lpips: perceptual metric(s) at validation: "lpips", "stlpips_alex" (or "stlpips"), "stlpips_vgg", a
                 list of them (both ST-LPIPS variants also report `stlpips`, their mean), or None.
             val_baseline: also score a baseline codec at the latent's budget on the same images and print it beside
                 the model (`dcssdae.baselines`; "bicubic": bicubic down- and up-sampling keeping as many scalars as
                 the latent), or None. Measured once per `fit` (its validations see the same images) and at every
                 `validate` / `test`.
-            val_seed: seed of the validation noise (the same noise at every validation).
+            val_seed: seed of the validation noise: image i's noise is drawn from (val_seed, its key), the same at
+                every validation and on any number of processes.
             predict_dir: where `dcssdae predict` writes `<key>.png` = input | reconstruction, relative to the run's log
                 dir (lightning_logs/version_N) or absolute; None: write nothing (`trainer.predict` then returns
                 the reconstructions themselves).
@@ -201,17 +215,10 @@ class DCSSDAESystem(pl.LightningModule):
         if weights.repa > 0:
             block = min(repa_block, self.ae.decoder.mid_depth - 1)
             self.repa = REPALoss(self.ae.decoder.mid_dim, repa_encoder, block, pretrained=repa_pretrained)
-        # The validation table: the model's column, then columns sharing its frozen networks. Built without drawing
-        # from the global random stream, so that the columns asked for do not change what trains.
+        # The validation table (columns: the model, the extra step counts, the baseline). Its frozen networks are
+        # built at the first evaluation batch, once for every column, without drawing from the training stream.
         self.val_baseline = val_baseline
-        with torch.random.fork_rng(devices=[]):
-            self.val_metrics = ReconstructionMetrics(rfid=val_rfid, lpips_variant=val_lpips)
-
-            def column() -> ReconstructionMetrics:
-                return ReconstructionMetrics(val_rfid, val_lpips, share_networks=self.val_metrics)
-
-            self.baseline_metrics = column() if val_baseline else None
-            self.extra_metrics = nn.ModuleDict({str(n): column() for n in self.val_extra_steps})
+        self.val_metrics = ReconstructionMetrics(rfid=val_rfid, lpips_variant=val_lpips, kid=val_kid)
         self.baseline_result: dict | None = None  # the baseline's metrics, once measured (the same every time)
 
         self.freeze_except(self.trainable)
@@ -259,18 +266,17 @@ class DCSSDAESystem(pl.LightningModule):
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
     def load_frozen_networks(self, stage: str) -> None:
-        """Build the frozen networks that `stage` uses (LPIPS / DINOv2 for training, the metrics' perceptual networks
-        for evaluation). Not at construction: a checkpoint opens without their weights; a missing file is reported
-        here, before the first step."""
+        """Build the frozen networks that training uses (LPIPS / DINOv2) and check the weight files of the metric
+        networks (built when an evaluation first needs them). Not at construction: a checkpoint opens without their
+        weights; a missing file is reported here, before the first step."""
         if stage == "fit":
             for loss in (self.lpips, self.repa):
                 if loss is not None:
                     loss.load()
-        if stage in ("fit", "validate", "test"):
-            with torch.random.fork_rng(devices=[]):  # frozen networks: no draw from the training stream
-                for metrics in (self.val_metrics, self.baseline_metrics, *self.extra_metrics.values()):
-                    if metrics is not None:
-                        metrics.load()
+        if stage in ("fit", "validate", "test"):  # the metric networks are built at the first evaluation batch
+            problems = self.val_metrics.check()
+            if problems:
+                raise FileNotFoundError("validation metrics: " + "; ".join(problems))
 
     def load_init_weights(self, path: str) -> None:
         """Load autoencoder weights (EMA when the checkpoint has them) from a .ckpt or an export directory.
@@ -327,6 +333,8 @@ class DCSSDAESystem(pl.LightningModule):
             terms["repa"] = self.repa(tokens, x).mean()
         if self.encoder_trains and self.loss_weights.kl > 0:
             terms["kl"] = kl_loss(posterior)
+        if self.loss_weights.lowpass > 0:
+            terms["lowpass"] = lowpass_loss(x0_hat, x)
         return self.log_loss(terms)
 
     def log_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -352,11 +360,10 @@ class DCSSDAESystem(pl.LightningModule):
     def val_sampler(self) -> dict[str, Any]:
         return self.ae.sampler_settings(steps=self.val_steps)
 
-    def val_inputs(self, x: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z, noise) for validation: the posterior mean, and noise seeded by (val_seed, batch, rank)."""
-        seed = self.val_seed + batch_idx * self.trainer.world_size + self.global_rank
-        noise = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(seed), device=x.device)
-        return self.ae.encode(x), noise.to(x.dtype)
+    def val_inputs(self, x: torch.Tensor, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, noise) for validation: the posterior mean, and each image's noise drawn from (val_seed, its key)
+        (`dcssdae.metrics.keyed_noise`): the same for an image whatever its batch, rank or number of processes."""
+        return self.ae.encode(x), keyed_noise(x, keys, self.val_seed)
 
     def val_decode(self, z: torch.Tensor, noise: torch.Tensor,
                    steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,22 +372,29 @@ class DCSSDAESystem(pl.LightningModule):
         x_hat, nfe = self.ae.decode(z, noise=noise, return_nfe=True, **sampler)
         return x_hat.float().clamp(-1, 1), nfe
 
-    def reconstruct(self, x: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_hat in [-1, 1], nfe) from the validation latent and noise: the same images every time."""
-        return self.val_decode(*self.val_inputs(x, batch_idx))
+    def reconstruct(self, x: torch.Tensor, keys: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_hat in [-1, 1], nfe) from the validation latent and noise: the same images every time. `keys`: the
+        images' keys (default: a digest of each image)."""
+        return self.val_decode(*self.val_inputs(x, image_keys(x, keys)))
+
+    @staticmethod
+    def steps_label(steps: int) -> str:
+        """The table column of an extra step count: "1 step", "4 steps"."""
+        return f"{steps} step" + ("s" if steps != 1 else "")
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         x = batch["image"]
-        z, noise = self.val_inputs(x, batch_idx)  # encoded once, shared by every decoder scored
+        keys = image_keys(x, batch.get("key"))
+        z, noise = self.val_inputs(x, keys)  # encoded once, shared by every decoder scored
         x_hat, nfe = self.val_decode(z, noise)
-        self.val_metrics.update(x_hat, x, nfe)
-        for steps, metrics in self.extra_metrics.items():
-            x_extra, nfe_extra = self.val_decode(z, noise, int(steps))
-            metrics.update(x_extra, x, nfe_extra)
-        if self.baseline_metrics is not None and not (self._baseline_reusable() and self.baseline_result is not None):
+        self.val_metrics.update(x_hat, x, nfe, keys=keys)
+        for steps in self.val_extra_steps:
+            x_extra, nfe_extra = self.val_decode(z, noise, steps)
+            self.val_metrics.update(x_extra, x, nfe_extra, column=self.steps_label(steps), keys=keys)
+        if self.val_baseline and not (self._baseline_reusable() and self.baseline_result is not None):
             encoder = self.ae.encoder
             x_base = baseline(self.val_baseline, x, encoder.latent_channels, encoder.downsample_factor)
-            self.baseline_metrics.update(x_base, x)
+            self.val_metrics.update(x_base, x, column=self.val_baseline, keys=keys)
         return {"x": x, "x_hat": x_hat}
 
     test_step = validation_step
@@ -394,7 +408,7 @@ class DCSSDAESystem(pl.LightningModule):
         writes every image as `<log dir>/<predict_dir>/<key>.png` = input | reconstruction.
         """
         x = batch["image"]
-        x_hat, nfe = self.reconstruct(x, batch_idx)
+        x_hat, nfe = self.reconstruct(x, batch.get("key"))
         psnr, _ = psnr_uint8(quantize_uint8(x_hat), quantize_uint8(x))
         return {"key": list(batch["key"]), "x_hat": x_hat, "psnr": psnr.float(), "nfe": nfe}
 
@@ -416,26 +430,25 @@ class DCSSDAESystem(pl.LightningModule):
         return self.trainer.state.fn.value == "fit" and not self.trainer.sanity_checking
 
     def report_metrics(self, stage: str) -> None:
+        """Compute every column (a collective: every rank, the same columns), log the numbers, print the table and,
+        for validate / test, write `<log dir>/{validate,test}_metrics.json`."""
         metrics = self.val_metrics.compute()  # synchronised over ranks
-        self.val_metrics.reset()
-        # identical on every rank already; sync_dist only keeps Lightning's DDP bookkeeping happy
-        self.log_dict({f"{stage}/{k}": float(v) for k, v in metrics.items()}, sync_dist=True)
+        self._log_column(stage, metrics)
         others = {}
-        for steps, extra in self.extra_metrics.items():
-            label = f"{steps} step" + ("s" if steps != "1" else "")
-            others[label] = extra.compute()
-            extra.reset()
-            self.log_dict({f"{stage}_{steps}step/{k}": float(v) for k, v in others[label].items()}, sync_dist=True)
-        if self.baseline_metrics is not None:
+        for steps in self.val_extra_steps:
+            label = self.steps_label(steps)
+            others[label] = self.val_metrics.compute(label)
+            self._log_column(f"{stage}_{steps}step", others[label])
+        if self.val_baseline:
             reusable = self._baseline_reusable()
             result = self.baseline_result if reusable else None
             if result is None:
-                result = self.baseline_metrics.compute()
-                self.baseline_metrics.reset()
+                result = self.val_metrics.compute(self.val_baseline)
                 if reusable:
                     self.baseline_result = result
             others[self.val_baseline] = result
-            self.log_dict({f"{stage}_{self.val_baseline}/{k}": float(v) for k, v in result.items()}, sync_dist=True)
+            self._log_column(f"{stage}_{self.val_baseline}", result)
+        self.val_metrics.reset()
         if others and self.trainer.is_global_zero and self.trainer.state.fn.value == "fit":
             print(f"\n{stage} at step {self.global_step}:\n" + format_table(metrics, others))
         command = self.trainer.state.fn.value  # "fit", "validate", "test"
@@ -448,6 +461,17 @@ class DCSSDAESystem(pl.LightningModule):
                             "checkpoint": str(Path(ckpt_path).absolute()) if ckpt_path else None,
                             "checkpoint_global_step": getattr(self, "loaded_global_step", None), **others}, out)
                 print(format_table(metrics, others) + f"\nwritten to {out}")
+
+    def _log_column(self, prefix: str, metrics: dict[str, Any]) -> None:
+        """Log a column's numbers as `<prefix>/<name>` (intervals as `<name>_ci95_lo` / `_hi`; text left out)."""
+        scalars = {}
+        for name, value in metrics.items():
+            if isinstance(value, (list, tuple)) and len(value) == 2:
+                scalars[f"{prefix}/{name}_lo"], scalars[f"{prefix}/{name}_hi"] = map(float, value)
+            elif isinstance(value, (int, float)):
+                scalars[f"{prefix}/{name}"] = float(value)
+        # identical on every rank already; sync_dist only keeps Lightning's DDP bookkeeping happy
+        self.log_dict(scalars, sync_dist=True)
 
     # ------------------------------------------------------------------------------------------------
     # Optimiser: only the trained parameters; no decay for norms, biases, embeddings.

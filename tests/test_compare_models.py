@@ -1,4 +1,4 @@
-"""benchmarks/compare_models.py: model specs (steps and sampler settings), and one run on the held-out photos that
+"""benchmarks/compare_models.py: model specs (steps and sampler settings), and one run on the dev photos that
 scores every model and the bicubic baseline and writes the table, the JSON and the picture. Tiny presets."""
 
 import argparse
@@ -76,6 +76,31 @@ def test_scores_models_with_their_settings_beside_bicubic(compare, tiny_cli, tmp
     assert models["power 3"]["psnr"] != pytest.approx(models["two steps"]["psnr"], abs=1e-6)
     assert "| bicubic |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").is_file()
+    # the statistics of `dcssdae validate`: means with their 95% intervals and the low-pass PSNR, for every row
+    for row in models.values():
+        for name in ("psnr", "ssim", "lowpass_psnr", "stlpips_alex", "stlpips_vgg", "stlpips"):
+            lo, hi = row[f"{name}_ci95"]
+            assert lo <= row[name] <= hi, name
+    assert "[" in out.with_suffix(".md").read_text().splitlines()[2]  # a cell with its interval
+
+
+def test_decoder_noise_is_drawn_per_image_as_validation_draws_it(compare, tiny_cli, tmp_path):
+    """The same images scored in batches of 1 and of 2 give the same numbers (noise from each image's key)."""
+    from dcssdae.autoencoder import DCSSDAE
+    from dcssdae.export import write_export
+
+    torch.manual_seed(0)
+    model = DCSSDAE(encoder="tiny-f8c4", decoder="tiny")
+    torch.nn.init.normal_(model.decoder.out_conv.weight, std=0.1)
+    folder = write_export(model, tmp_path / "model")
+    results = []
+    for batch in (1, 2):
+        out = tmp_path / f"batch{batch}"
+        assert compare.main(["--model", f"m={folder}@2", "--size", "64", "--batch", str(batch), "--limit", "2",
+                             "--no-rfid", "--picture-size", "32", "--out", str(out)]) == 0
+        results.append(json.loads(out.with_suffix(".json").read_text())["models"]["m"])
+    for name in ("psnr", "psnr_ci95", "lowpass_psnr", "stlpips_alex"):  # up to the round-off of other batch sizes
+        assert results[0][name] == pytest.approx(results[1][name], rel=1e-5), name
 
 
 def test_draws_average_the_metrics_and_measure_the_spread(compare, tiny_cli, tmp_path):
@@ -93,20 +118,26 @@ def test_draws_average_the_metrics_and_measure_the_spread(compare, tiny_cli, tmp
     common = ["--size", "64", "--batch", "3", "--limit", "3", "--picture-size", "32"]
     out, single = tmp_path / "draws", tmp_path / "single"
     assert compare.main(["--model", f"flat={flat}@2", "--model", f"noisy={noisy}@2", "--draws", "3",
-                         *common, "--out", str(out)]) == 0
+                         "--rfid-min-images", "2", *common, "--out", str(out)]) == 0
     assert compare.main(["--model", f"noisy={noisy}@2", "--no-rfid", *common, "--out", str(single)]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     models = data["models"]
     assert data["draws"] == 3 and models["noisy"]["num_images"] == 3
     assert models["flat"]["spread"] == pytest.approx(0.0, abs=1e-6)
     assert models["noisy"]["spread"] > 1e-3
-    assert len(models["noisy"]["rfid_draws"]) == 3
-    assert models["noisy"]["rfid"] == pytest.approx(sum(models["noisy"]["rfid_draws"]) / 3)
-    assert "spread" not in models["bicubic"] and "rfid_draws" not in models["bicubic"]
+    for name in ("rfid", "kid"):
+        assert len(models["noisy"][f"{name}_draws"]) == 3
+        assert models["noisy"][name] == pytest.approx(sum(models["noisy"][f"{name}_draws"]) / 3)
+    assert "spread" not in models["bicubic"] and "rfid_draws" not in models["bicubic"] and "kid" in models["bicubic"]
+    # intervals of the mean over draws: bootstrapped from each image's mean over the 3 draws
+    lo, hi = models["noisy"]["psnr_ci95"]
+    assert lo <= models["noisy"]["psnr"] <= hi and lo < hi
     first = json.loads(single.with_suffix(".json").read_text())["models"]["noisy"]
     assert models["noisy"]["psnr"] != pytest.approx(first["psnr"], abs=1e-6)  # a mean over draws, not draw 0
+    assert "kid" not in first and "rfid" not in first
     table = out.with_suffix(".md").read_text()
-    assert "| rFID per draw | spread over draws |" in table
+    assert "| KID +- std | KID per draw | rFID | rFID per draw | spread over draws |" in table
+    assert "95% bootstrap interval" in table
     with pytest.raises(SystemExit):
         compare.main(["--model", f"flat={flat}", "--draws", "0", *common, "--out", str(out)])
 

@@ -1,4 +1,5 @@
-"""Tests of dcssdae.metrics: PSNR/SSIM/LPIPS/NFE maths, rFID with the real TF-Inception, DDP sync, reporting."""
+"""Tests of dcssdae.metrics: PSNR/SSIM/low-pass PSNR/LPIPS/NFE maths, bootstrap intervals, rFID and KID with the real
+TF-Inception, networks shared by the columns of a table and built on first use, DDP gathering, reporting."""
 
 import json
 import math
@@ -8,9 +9,21 @@ import urllib.error
 import pytest
 import torch
 
-from dcssdae import metrics
+from dcssdae import metric_networks, metrics
 from dcssdae.atomic_files import write_json
 from dcssdae.metrics import ReconstructionMetrics, format_table, quantize_uint8
+from dcssdae.set_statistics import FrechetReference, bootstrap_ci, kernel_inception_distance, kid_subset_size
+
+
+def assert_same_metrics(got: dict, expected: dict) -> None:
+    """Equal keys; numbers (and the [lo, hi] of intervals) equal up to float round-off (Inception features of other
+    batch compositions differ in their last bits); text equal."""
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, str):
+            assert got[key] == value, key
+        else:
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), key
 
 
 def levels_to_images(levels: torch.Tensor) -> torch.Tensor:
@@ -130,52 +143,78 @@ def test_lpips_without_alexnet_weights_names_the_file(monkeypatch):
 
 
 def test_missing_inception_weights_names_the_file(monkeypatch, tmp_path):
+    """Nothing is looked for at construction; `check()` names the missing file without building anything, `load()`
+    raises with the same message."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(metrics, "fid_helper_torchscript_path", lambda: None)
+    monkeypatch.setattr(metric_networks, "fid_helper_torchscript_path", lambda: None)
+    m = ReconstructionMetrics(lpips_variant=None)  # no error yet: a checkpoint holding it opens anywhere
+    (problem,) = m.check()
+    assert "weights-inception-2015-12-05-6726825d.pth" in problem
     with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth"):
-        ReconstructionMetrics(lpips_variant=None)
+        m.load()
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        ReconstructionMetrics(lpips_variant=None, inception_weights=str(tmp_path / "nope.pth"))
+        ReconstructionMetrics(lpips_variant=None, inception_weights=str(tmp_path / "nope.pth")).load()
+    assert ReconstructionMetrics(rfid=False, lpips_variant="stlpips_alex").check() == []
 
 
-def test_state_dict_leaves_out_frozen_networks(inception_weights):
-    """A module holding the metrics checkpoints without Inception/LPIPS weights and reloads strictly."""
+def test_networks_are_built_on_first_use_and_stay_out_of_checkpoints(inception_weights):
+    """A module holding the metrics has no metric parameter until an update needs them, and never in its
+    checkpoint; it reloads strictly; the frozen networks stay in eval mode."""
     holder = torch.nn.Module()
     holder.net = torch.nn.Linear(2, 2)
     holder.metrics = ReconstructionMetrics(lpips_variant="lpips_random", inception_weights=inception_weights)
+    assert holder.metrics.networks.built == {} and sum(p.numel() for p in holder.parameters()) == 6
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    holder.metrics.update(x.flip(0), x)
+    assert set(holder.metrics.networks.built) == {"inception", "lpips_random"}
+    assert holder.metrics.networks.parameter_count() > 20_000_000
     state = holder.state_dict()
     assert sorted(state) == ["net.bias", "net.weight"]
-    before = holder.metrics.fid.inception.Conv2d_1a_3x3.conv.weight.clone()
     holder.load_state_dict(state, strict=True)
-    assert torch.equal(holder.metrics.fid.inception.Conv2d_1a_3x3.conv.weight, before)
-    assert not any(p.requires_grad for p in holder.metrics.parameters())
     holder.train()
-    assert not holder.metrics.perceptual.training  # no LPIPS dropout, ever
+    assert not any(net.training for net in holder.metrics.networks.built.values())  # no LPIPS dropout, ever
+    assert not any(p.requires_grad for net in holder.metrics.networks.built.values() for p in net.parameters())
 
 
-def test_columns_share_their_frozen_networks(inception_weights):
-    """`share_networks`: one Inception and one set of perceptual networks for several instances (the columns of a
-    validation table), the same numbers as with networks of their own, still left out of checkpoints."""
-    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    x_hat = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))).clamp(-1, 1)
-    first = ReconstructionMetrics(lpips_variant="lpips_random", inception_weights=inception_weights)
-    second = ReconstructionMetrics(lpips_variant="lpips_random", share_networks=first)
-    assert second.fid.inception is first.fid.inception and second.perceptual is first.perceptual
-    torch.manual_seed(0)
-    first.update(x_hat, x)
-    second.update(x_hat, x)
-    assert list(first.perceptual) == ["lpips_random"]  # built once, for both
-    assert torch.equal(first.fid.fake_features_sum, second.fid.fake_features_sum)
-    assert torch.equal(first.fid.real_features_sum, second.fid.real_features_sum)
-    assert torch.equal(first.sums.lpips_random_sum, second.sums.lpips_random_sum)
-    holder = torch.nn.Module()
-    holder.first, holder.second = first, second
-    assert not [k for k in holder.state_dict() if "inception" in k or "perceptual" in k]
-    holder.load_state_dict(holder.state_dict(), strict=True)
-    with pytest.raises(ValueError, match="share_networks needs an instance with the same"):
-        ReconstructionMetrics(rfid=False, lpips_variant="lpips_random", share_networks=first)
-    with pytest.raises(ValueError, match="share_networks needs an instance with the same"):
-        ReconstructionMetrics(lpips_variant=None, share_networks=first)
+def _count_inception_images(monkeypatch) -> list[int]:
+    """Patches the FID Inception's forward to count the images it sees; returns the (growing) list of batch sizes."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    seen, forward = [], NoTrainInceptionV3.forward
+
+    def counting(self, x):
+        seen.append(len(x))
+        return forward(self, x)
+
+    monkeypatch.setattr(NoTrainInceptionV3, "forward", counting)
+    return seen
+
+
+def test_columns_share_networks_and_the_references_inception_pass(inception_weights, monkeypatch):
+    """Three columns on the same references: one Inception and one perceptual network built for all, the references
+    through Inception once (not once per column), each column's numbers those of a table holding it alone."""
+    seen = _count_inception_images(monkeypatch)
+    built = []
+    monkeypatch.setattr(metric_networks, "build_inception",
+                        lambda *a, build=metric_networks.build_inception: built.append("inception") or build(*a))
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    columns = {"model": (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1), "1 step": x * 0.9,
+               "bicubic": x.flip(-1)}
+    keys = ["k0", "k1", "k2"]
+    m = ReconstructionMetrics(lpips_variant="lpips_random", inception_weights=inception_weights)
+    for batch in (slice(0, 2), slice(2, 3)):
+        for name, x_hat in columns.items():
+            m.update(x_hat[batch], x[batch], column=name, keys=keys[batch])
+    assert built == ["inception"] and list(m.perceptual) == ["lpips_random"]
+    assert sum(seen) == 3 * (1 + len(columns))  # the references once, each column's reconstructions once
+    table = {name: m.compute(name) for name in columns}
+    assert m.columns == list(columns)
+    alone = ReconstructionMetrics(lpips_variant="lpips_random", inception_weights=inception_weights)
+    alone.update(columns["bicubic"], x, keys=keys)  # one batch, alone
+    expected = alone.compute()
+    assert_same_metrics(table["bicubic"], expected)
+    assert table["model"]["psnr"] != pytest.approx(table["bicubic"]["psnr"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,25 +237,108 @@ def test_converted_inception_matches_torchscript(inception_weights):
     assert torch.isnan(torch.load(inception_weights, weights_only=True)["fc.weight"]).all()
 
 
-@pytest.mark.slow  # each rFID compute is a 2048x2048 fp64 eigendecomposition: ~10-60 s on 2 shared cores
+def test_frechet_distance_from_features_matches_torchmetrics_on_small_and_large_sets():
+    """Both ways of computing tr (S_r S_f)^(1/2) (singular values of A B^T for small sets, the symmetric
+    S_r^(1/2) S_f S_r^(1/2) for large ones) give torchmetrics' FID formula; the reference statistics are reused."""
+    from torchmetrics.image.fid import _compute_fid
+
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    for n, m in ((5, 7), (40, 30)):  # n * m below / above d^2 = 64
+        real = torch.randn(n, 8, generator=g, dtype=torch.float64) @ mix
+        fake = torch.randn(m, 8, generator=g, dtype=torch.float64) @ mix * 1.3 + 0.5
+        reference = FrechetReference(real)
+        expected = _compute_fid(real.mean(0), real.T.cov(), fake.mean(0), fake.T.cov()).item()
+        assert reference.distance(fake) == pytest.approx(expected, rel=1e-6)
+        assert reference.distance(real) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_rfid_identical_sets_near_zero_and_noise_positive(inception_weights):
-    x = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    m = ReconstructionMetrics(lpips_variant=None, inception_weights=inception_weights)
-    m.update(x, x)
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    m = ReconstructionMetrics(lpips_variant=None, inception_weights=inception_weights, rfid_min_images=2)
+    m.update(x, x, column="same")
+    m.update((x + 0.5 * torch.randn_like(x)).clamp(-1, 1), x, column="noisy")
     with pytest.warns(UserWarning, match="biased"):
-        same = m.compute()["rfid"]
-    assert 0 <= same < 1e-2
-    m.reset()
-    m.update((x + 0.5 * torch.randn_like(x)).clamp(-1, 1), x)
-    with pytest.warns(UserWarning, match="biased"):
-        assert m.compute()["rfid"] > 1.0
+        same, noisy = m.compute("same"), m.compute("noisy")
+    assert 0 <= same["rfid"] < 1e-2 and noisy["rfid"] > 1.0
+    assert same["kid_subset_size"] == noisy["kid_subset_size"] == 2 and noisy["kid_std"] > 0
 
 
-def test_rfid_needs_two_images(inception_weights):
+def test_rfid_omitted_on_small_sets_with_the_reason_and_kid_reported(inception_weights):
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
     m = ReconstructionMetrics(lpips_variant=None, inception_weights=inception_weights)
-    m.update(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16))
-    with pytest.warns(UserWarning, match="at least 2"):
-        assert math.isnan(m.compute()["rfid"])
+    m.update(x.flip(0), x)
+    result = m.compute()
+    assert "rfid" not in result and result["rfid_omitted"].startswith("3 images < 2048")
+    assert {"kid", "kid_std", "kid_subset_size"} <= result.keys() and result["kid_subset_size"] == 2
+    assert "omitted (few images)" in format_table(result)
+    one = ReconstructionMetrics(lpips_variant=None, inception_weights=inception_weights, rfid_min_images=2)
+    one.update(x[:1], x[:1])
+    assert math.isnan(one.compute()["kid"]) and "rfid" not in one.compute()
+    no_kid = ReconstructionMetrics(lpips_variant=None, inception_weights=inception_weights, kid=False)
+    no_kid.update(x, x)
+    assert "kid" not in no_kid.compute()
+
+
+def test_kid_is_unbiased_adapts_its_subsets_to_small_sets_and_is_seeded():
+    """Two samples of one distribution: KID about 0 (within its spread); a shifted one: clearly positive."""
+    assert [kid_subset_size(n) for n in (2, 3, 6, 45, 2000, 50_000)] == [2, 2, 3, 22, 1000, 1000]
+    g = torch.Generator().manual_seed(0)
+    real, other, shifted = (torch.randn(80, 16, generator=g) + shift for shift in (0, 0, 1))
+    same, apart = kernel_inception_distance(real, other, seed=1), kernel_inception_distance(real, shifted, seed=1)
+    assert abs(same[0]) < 2 * same[1] and apart[0] > 5 * apart[1] > 0 and same[2] == apart[2] == 40
+    assert same == kernel_inception_distance(real, other, seed=1) != kernel_inception_distance(real, other, seed=2)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        kernel_inception_distance(real[:1], other)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics for small sets: bootstrap intervals, low-pass PSNR
+
+
+def test_bootstrap_interval_of_a_mean_in_closed_form():
+    """Per-image values 0 and 1 in equal numbers: mean 1/2, standard deviation 1/2, so the 95% interval of the mean
+    is 1/2 +- 1.96 * 0.5 / sqrt(n) (normal approximation); it halves when n quadruples; same seed, same interval."""
+    for n in (400, 1600):
+        values = torch.arange(n).remainder(2).double()
+        lo, hi = bootstrap_ci(values, samples=2000, seed=0)
+        half = 1.96 * 0.5 / math.sqrt(n)
+        assert lo < 0.5 < hi
+        assert (hi - lo) / 2 == pytest.approx(half, rel=0.1)
+        assert (lo + hi) / 2 == pytest.approx(0.5, abs=0.2 * half)
+    assert bootstrap_ci(values, seed=3) == bootstrap_ci(values, seed=3) != bootstrap_ci(values, seed=4)
+    assert bootstrap_ci(torch.tensor([2.5])) == [2.5, 2.5]
+
+
+def test_lowpass_psnr_ignores_detail_that_averages_out_over_8x8_blocks():
+    """A +-4 level checkerboard added to an image: PSNR 10 log10(255^2 / 16) = 36.1 dB, but every 8 x 8 block keeps
+    its mean, so the low-pass PSNR is at its cap; a uniform offset of 4 levels costs both the same."""
+    levels = torch.randint(20, 236, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    checker = 4 * (1 - 2 * ((torch.arange(32)[:, None] + torch.arange(32)).remainder(2)))
+    x, x_hat = levels_to_images(levels), levels_to_images(levels + checker)
+    m = ReconstructionMetrics(rfid=False, lpips_variant=None)
+    m.update(x_hat, x)
+    m.update(levels_to_images(levels + 4), x, column="offset")
+    result, offset = m.compute(), m.compute("offset")
+    assert result["psnr"] == pytest.approx(10 * math.log10(255**2 / 16))
+    cap = 10 * math.log10(255**2 * 3 * 4 * 4 / (0.5 / 8**4))
+    assert result["lowpass_psnr"] == pytest.approx(cap) and result["lowpass_psnr"] > 100
+    assert offset["lowpass_psnr"] == pytest.approx(offset["psnr"]) == pytest.approx(result["psnr"])
+    assert result["lowpass_psnr_ci95"] == pytest.approx([cap, cap])
+
+
+def test_every_mean_has_an_interval_in_the_result_and_the_table():
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(5, 3, 32, 32, generator=g) * 2 - 1
+    m = ReconstructionMetrics(rfid=False, lpips_variant="lpips_random")
+    m.update((x + 0.1 * torch.randn(x.shape, generator=g)).clamp(-1, 1), x)
+    result = m.compute()
+    for name in ("psnr", "ssim", "lowpass_psnr", "lpips_random"):
+        lo, hi = result[f"{name}_ci95"]
+        assert lo <= result[name] <= hi and lo < hi, name
+    table = format_table(result)
+    assert f"{result['psnr']:.2f} [{result['psnr_ci95'][0]:.2f}, {result['psnr_ci95'][1]:.2f}]" in table
+    assert "95% bootstrap interval over images" in table
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,18 +350,25 @@ def _ddp_worker(rank: int, world_size: int, port: int, weights: str | None, imag
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world_size)
     try:
-        m = ReconstructionMetrics(rfid=weights is not None, lpips_variant="lpips_random", inception_weights=weights)
+        m = ReconstructionMetrics(rfid=weights is not None, lpips_variant="lpips_random", inception_weights=weights,
+                                  rfid_min_images=2)
         x_hat, x = images
-        half = x.shape[0] // world_size
-        part = slice(rank * half, (rank + 1) * half)
-        m.update(x_hat[part], x[part], nfe=rank + 1)
-        torch.save(m.compute(), os.path.join(out_dir, f"rank{rank}.pt"))
+        keys = [f"img{i}" for i in range(len(x))]
+        part = slice(rank, None, world_size)  # interleaved, as the validation loader deals images out
+        m.update(x_hat[part], x[part], nfe=rank + 1, keys=keys[part])
+        # a column that only rank 0 holds: rank 1 takes part in the gathering with nothing
+        if rank == 0:
+            m.update(x[:2], x[:2], column="rank 0 only", keys=keys[:2])
+        torch.save({"model": m.compute(), "rank 0 only": m.compute("rank 0 only")},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("rfid", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_distributed_sync_matches_single_process(rfid, tmp_path, request):
+def test_distributed_gathering_matches_single_process(rfid, tmp_path, request):
+    """Two gloo ranks, each with every other image: every rank gets the single-process numbers, bootstrap intervals
+    (per-image values gathered and put in key order) and KID included."""
     import socket
 
     import torch.multiprocessing as mp
@@ -253,15 +382,19 @@ def test_distributed_sync_matches_single_process(rfid, tmp_path, request):
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, weights, (x_hat, x), str(tmp_path)), nprocs=2)
 
-    single = ReconstructionMetrics(rfid=rfid, lpips_variant="lpips_random", inception_weights=weights)
-    single.update(x_hat[:3], x[:3], nfe=1)
-    single.update(x_hat[3:], x[3:], nfe=2)
-    expected = single.compute()
+    single = ReconstructionMetrics(rfid=rfid, lpips_variant="lpips_random", inception_weights=weights,
+                                   rfid_min_images=2)
+    keys = [f"img{i}" for i in range(6)]
+    single.update(x_hat[:4], x[:4], nfe=torch.tensor([1, 2, 1, 2]), keys=keys[:4])
+    single.update(x_hat[4:], x[4:], nfe=torch.tensor([1, 2]), keys=keys[4:])
+    single.update(x[:2], x[:2], column="rank 0 only", keys=keys[:2])
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert got["num_images"] == 6 and ("rfid" in got) == rfid
-        for key, value in expected.items():
-            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+        for column in ("model", "rank 0 only"):
+            expected = single.compute(column)
+            assert ("kid" in expected) == rfid
+            assert_same_metrics(got[column], expected)
+        assert got["model"]["num_images"] == 6 and got["model"]["nfe"] == 1.5
 
 
 # ----------------------------------------------------------------------------------------------------------------
