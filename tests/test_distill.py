@@ -129,9 +129,9 @@ def test_optimiser_steps_move_the_student_decoder_and_neither_the_teacher_nor_th
 
 def test_old_and_new_distillation_checkpoints_resume_and_export(tmp_path):
     """New: the EMA holds the student's decoder only (its state_dict still has every ae.* entry) and the teacher's
-    identity is recorded. Old (written when the EMA averaged every weight, no identity): the frozen encoder's
-    average is the encoder itself, so the same layout; it resumes with a warning that its teacher cannot be
-    checked. Both export the EMA weights."""
+    identity is recorded (its resume: test above). Old (written when the EMA averaged every weight, no identity): the
+    frozen encoder's average is the encoder itself, so the same layout; it resumes with a warning that its teacher
+    cannot be checked. Both export the EMA weights."""
     path = teacher_file(tmp_path / "phase3.ckpt")
     distill_fit(DistillSystem(**DISTILL, init_from=path), tmp_path / "new", 1)
     new = tmp_path / "new" / "last.ckpt"
@@ -144,13 +144,10 @@ def test_old_and_new_distillation_checkpoints_resume_and_export(tmp_path):
     for ckpt in (new, old):
         _, weights, _ = read_checkpoint(ckpt)
         assert torch.equal(weights["decoder.out_conv.weight"], state["ae.decoder.out_conv.weight"])
-        model = DistillSystem(**DISTILL, init_from=path)
-        if ckpt == old:
-            with pytest.warns(UserWarning, match="predates teacher identities"):
-                distill_fit(model, tmp_path / "resumed_old", 2, ckpt)
-        else:
-            distill_fit(model, tmp_path / "resumed_new", 2, ckpt)
-        assert model.global_step == 2
-        teacher = torch.load(path, weights_only=True)["state_dict"]
-        assert all(torch.equal(v, teacher[f"ae.{k}"]) for k, v in model.teacher.decoder.state_dict(
-            prefix="decoder.").items())
+    model = DistillSystem(**DISTILL, init_from=path)
+    with pytest.warns(UserWarning, match="predates teacher identities"):
+        distill_fit(model, tmp_path / "resumed_old", 2, old)
+    assert model.global_step == 2
+    teacher = torch.load(path, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, teacher[f"ae.{k}"]) for k, v in model.teacher.decoder.state_dict(
+        prefix="decoder.").items())

@@ -163,7 +163,6 @@ def test_tiled_decoding_cuts_tiles_draws_noise_once_and_stays_close_to_untiled()
             handle.remove()
     assert torch.equal(tiled, again)
     torch.testing.assert_close(one_step[..., :32, :32], corner, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(one_step[..., 32:64, 32:64], model.decode(z, noise=noise, steps=1)[..., 32:64, 32:64])
     assert not torch.equal(tiled, whole) and rel_err(tiled, whole) < 0.4  # random weights: only a loose bound
     assert z_tiled.shape == z.shape and not torch.equal(z_tiled, z) and torch.isfinite(z_tiled).all()
     with pytest.raises(ValueError, match="multiples of the compression factor"):
