@@ -137,7 +137,7 @@ def test_resume_settings_given_or_not_come_from_the_parser_not_from_their_values
     from dcssdae.autoencoder import corruption_config
     from dcssdae.cli import reconcile_with_checkpoint
     from dcssdae.losses import LossWeights
-    from dcssdae.objectives import EquilibriumMatching
+    from dcssdae.objectives import EquilibriumMatching, FlowMatching
 
     saved = {"_class_path": "dcssdae.system.DCSSDAESystem", "lr": 5e-4, "val_rfid": False, "val_seed": 3,
              "sampler": {"method": "one_step"}, "weight_decay": 0.01,
@@ -168,6 +168,11 @@ def test_resume_settings_given_or_not_come_from_the_parser_not_from_their_values
         **saved, "_class_path": "dcssdae.distill.DistillSystem", "teacher_steps": 4}, "CK", typed={})
     assert settings["teacher_steps"] == 4 and settings["corruption"] == saved["corruption"]
     assert LossWeights(**settings["loss_weights"]).repa == 0.25
+    # flow matching's training levels: the checkpoint's logit_mean under a given logit_std
+    fm_saved = {**saved, "corruption": corruption_config(FlowMatching(logit_mean=0.5, logit_std=1.5))}
+    _, settings, _ = reconcile_with_checkpoint("dcssdae.system.DCSSDAESystem", parsed, fm_saved, "CK", typed={
+        "init_args": {"corruption": {"init_args": {"logit_std": 2.0}}}})
+    assert settings["corruption"] == corruption_config(FlowMatching(logit_mean=0.5, logit_std=2.0))
     # a network setting given with another value; another class given
     with pytest.raises(ValueError, match="model.corruption is .* in the checkpoint but .*'decay': 'truncated'"):
         reconcile_with_checkpoint("dcssdae.system.DCSSDAESystem", parsed, saved, "CK", typed={"init_args": {
