@@ -191,9 +191,10 @@ class Ours(Benchmarked):
 
     def decode(self, z, noise, nfe):
         z = self.ae.raw_latent(z)
-        settings = self.ae.sampler_settings(steps=nfe, method="gd")  # eta = 1 / c(0) of this corruption
+        settings = self.ae.sampler_settings(steps=nfe, method="gd")  # the noise schedule, as DCSSDAE.sample
         fn = lambda x, z: self.ae.corruption.pred(x, self.dec(x, z))  # as DCSSDAE.pred
-        return sample(fn, noise, settings.pop("method"), context=(z,), **settings)[0]
+        return sample(fn, noise, settings.pop("method"), context=(z,), step_to_data=self.ae.corruption.step_to_data,
+                      **settings)[0]
 
     def loss(self, x):
         corruption = self.ae.corruption  # EqM, as dcssdae.system.DCSSDAESystem.training_step uses it

@@ -136,7 +136,8 @@ def gaussian_spread(eta: float, d: int = 3072, sigma: float = 0.3, samples: int 
     rows += [("nesterov", "noise", n, {"steps": n}) for n in (8, 16)]
     rows += [("adaptive", "noise", 32, {"max_steps": 32, "threshold": t}) for t in (0.03, 0.01)]
     for method, schedule, n, settings in rows:
-        x, nfe = sample(field, noise, method, eta=eta, **settings)
+        step = {"eta": eta} if schedule in ("constant", "-") else {"step_to_data": eta}  # eta: the constant step
+        x, nfe = sample(field, noise, method, **step, **settings)
         e = x - mu
         extra = f" (threshold {settings['threshold']})" if "threshold" in settings else ""
         print(f"| {method}{extra} | {schedule} | {n} | {nfe.double().mean():.1f} | "
@@ -151,16 +152,15 @@ def sweep(field, error, noise, context, eta, max_steps, schedule="constant"):
     """Mean error and mean NFE of each sampler setting: {name: [(nfe, error), ...]}."""
     ctx = context[:1]  # the latent z (the decoder's context); the photo in context[1] is for the error only
     s = EquilibriumMatching().step_to_data  # the schedule's s(gamma); under "constant" it only sets adaptive's x0_hat
-    kw = {"schedule": schedule, "step_to_data": s}
+    kw = {"schedule": schedule, "step_to_data": s, **({"eta": eta} if schedule == "constant" else {})}
     runs = {"gd": [], "nesterov": [], "nag-gd (EqM form)": [], "adaptive": []}
     for steps in [n for n in GD_STEPS if n <= max_steps]:
-        runs["gd"].append((steps, error(sample(field, noise, "gd", context=ctx, steps=steps, eta=eta, **kw)[0]).mean()))
+        runs["gd"].append((steps, error(sample(field, noise, "gd", context=ctx, steps=steps, **kw)[0]).mean()))
         for name, form in (("nesterov", "standard"), ("nag-gd (EqM form)", "eqm")):
-            x, _ = sample(field, noise, "nesterov", context=ctx, steps=steps, eta=eta, mu=0.3, form=form, **kw)
+            x, _ = sample(field, noise, "nesterov", context=ctx, steps=steps, mu=0.3, form=form, **kw)
             runs[name].append((steps, error(x).mean()))
     for threshold in THRESHOLDS:
-        x, nfe = sample(field, noise, "adaptive", context=ctx, eta=eta, threshold=threshold, max_steps=max_steps,
-                        **kw)
+        x, nfe = sample(field, noise, "adaptive", context=ctx, threshold=threshold, max_steps=max_steps, **kw)
         runs["adaptive"].append((nfe.float().mean().item(), error(x).mean(), threshold))
     return {k: [(n, float(e), *rest) for n, e, *rest in v] for k, v in runs.items()}
 

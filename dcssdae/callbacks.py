@@ -15,8 +15,10 @@ Where the weights live in a `.ckpt` written during `dcssdae fit` (read by `dcssd
 - `checkpoint["dcssdae_config"]`: `DCSSDAE.config()`, the JSON-able dict that rebuilds the network
   (`DCSSDAE.from_config`); written by `DCSSDAESystem.on_save_checkpoint`.
 
-This is the layout of Lightning's own `WeightAveraging` callback, restricted to the autoencoder: a frozen
-teacher, LPIPS and DINOv2 are not copied or averaged.
+This is the layout of Lightning's own `WeightAveraging` callback, restricted to what trains: the EMA averages the
+autoencoder's trainable parameters (and floating buffers); a frozen weight is its own average, so the EMA model's
+frozen entries are the module's own (a frozen encoder, a distillation teacher, LPIPS and DINOv2 are not copied).
+Checkpoints written when the EMA averaged every autoencoder weight have the same layout and load the same way.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from lightning.pytorch.callbacks import Callback
 
 
 class EMA(Callback):
-    """EMA of `pl_module.ae` (parameters and floating buffers), swapped in for validation and saved as
-    the checkpoint's `state_dict` (see the module docstring)."""
+    """EMA of `pl_module.ae`'s trainable parameters and floating buffers, swapped in for validation and saved (with
+    the frozen weights) as the checkpoint's `state_dict` (see the module docstring)."""
 
     def __init__(self, decay: float = 0.999, start_step: int = 0, every_n_steps: int = 1) -> None:
         """
@@ -66,8 +68,11 @@ class EMA(Callback):
 
     @staticmethod
     def _live(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
-        state = pl_module.ae.state_dict()
-        return {name: t for name, t in state.items() if t.is_floating_point()}
+        """The entries the EMA averages: the autoencoder's trainable parameters and floating buffers (state-dict
+        names; the tensors share memory with the module)."""
+        state = pl_module.ae.state_dict(keep_vars=True)
+        return {name: t.detach() for name, t in state.items()
+                if t.is_floating_point() and (t.requires_grad or not isinstance(t, torch.nn.Parameter))}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.decay == 0 or self.ema is not None:

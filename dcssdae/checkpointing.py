@@ -15,7 +15,18 @@ What Lightning 2.6 already does, and is kept:
     `default_root_dir` and runs `scontrol requeue`; that write goes through this module's `AtomicCheckpointIO`.
 What it does not do: Lightning's own atomic save builds the file in the system temp dir and then moves it,
 which is a copy, not a rename, when that dir is on another file system, so a kill during the copy leaves a
-truncated file under the final name. `AtomicCheckpointIO` writes beside the target, fsyncs and renames.
+truncated file under the final name. `AtomicCheckpointIO` writes beside the target, fsyncs and renames: a run
+SIGKILLed while it writes `last.ckpt` leaves the previous one whole and resumes from it
+(tests/test_checkpointing.py).
+
+Resuming and extending (`dcssdae fit --ckpt_path last`, with the same or a larger `--trainer.max_steps`): weights,
+EMA, optimiser moments, data position and per-batch noise continue exactly. The learning-rate schedule keeps its
+horizon in the checkpoint (dcssdae.lr_schedule): with the same max_steps it continues exactly; a constant schedule
+(after its warm-up) is the same whatever the horizon, so an extended run equals a longer uninterrupted one; a cosine
+schedule is re-planned at the resume step, the rest of the cosine stretched from the learning rate reached to 0 at
+the new horizon (no re-warm-up, no jump), which is not the schedule a run started with the longer horizon would
+have had. A cosine that already reached 0 is not extended (refused: start a new phase with --model.init_from).
+Settings given with --ckpt_path (lr, weight decay, betas, ...) replace the checkpoint's; see dcssdae.cli.
 """
 
 from __future__ import annotations
@@ -198,7 +209,8 @@ def use_atomic_checkpoint_io(trainer: pl.Trainer) -> pl.Trainer:
 
 # ------------------------------------------------------------------------------------------------
 # The run's checkpoint: <default_root_dir>/checkpoints/last.ckpt, written when the run ends as a pre-emption
-# would write it (so that extending a finished run with --ckpt_path continues exactly), and at every validation /
+# would write it (so that extending a finished run with --ckpt_path continues from it; for the learning-rate
+# schedule, see the module docstring), and at every validation /
 # epoch end (so that a crash does not lose the run) even with save_top_k 0 and no every_n_train_steps.
 
 

@@ -133,15 +133,25 @@ def make_cli_class():
             # reported by our loader (weights only), naming the file and the problem.
             subcommand = self.config.get("subcommand")
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt_path == "last":  # (the trainer resolves it the same way, later)
+                ckpt_path = last_checkpoint(self.config[subcommand])
             if not ckpt_path or not Path(ckpt_path).is_file():
-                return  # none, "last" / "best" (resolved by the trainer), or missing (reported by the trainer)
+                return  # none, "best" (resolved by the trainer), no last one yet, or missing (reported by the trainer)
             hparams = dict(load_checkpoint(ckpt_path).get("hyper_parameters", {}))
             model = self.config[subcommand]["model"]
             given = namespace_dict(model.get("init_args")) or {}
-            taken = reconcile_with_checkpoint(model["class_path"], given, hparams, ckpt_path)
-            if taken:  # the whole init_args: parse_object would reset the ones not named to their defaults
-                update = {subcommand: {"model": {"class_path": model["class_path"], "init_args": {**given, **taken}}}}
+            # what the config files and the command line name: the same arguments parsed without defaults
+            typed = namespace_dict(self.parser.parse_args(self.given_args, defaults=False)[subcommand].get("model"))
+            class_path, init_args, notes = reconcile_with_checkpoint(model["class_path"], given, hparams, ckpt_path,
+                                                                     typed=typed or {})
+            if init_args != given or class_path != model["class_path"]:
+                # the whole init_args: parse_object would reset the ones not named to their defaults
+                update = {subcommand: {"model": {"class_path": class_path, "init_args": init_args}}}
                 self.config = self.parser.parse_object(update, self.config)
+            from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+            for note in notes:
+                rank_zero_info(note)
 
         def before_instantiate_classes(self) -> None:
             subcommand = self.config.get("subcommand")
@@ -158,12 +168,18 @@ def make_cli_class():
 
 
 # ------------------------------------------------------------------------------------------------
-# --ckpt_path and the settings of the command line. The network must be the checkpoint's: an architecture setting
-# given with another value than the checkpoint's is an error (one line, naming it and both values). Every other
-# setting given (sampler, val_steps, val_* metrics, val_seed, predict_dir, lr, ...) wins over the checkpoint's.
-# "Given" means: differs from the model's default; a setting left at its default takes the checkpoint's value.
+# --ckpt_path and the settings of the command line. A setting is "given" when a config file (--config) or the command
+# line names it: the parser says so (the same arguments parsed without defaults), whatever its value, the class
+# default included. Given settings win over the checkpoint's; the others are the checkpoint's, the training-level ones
+# inside the corruption (EqM noise_power, uniform_fraction, FM logit_mean / logit_std) and the loss weights field by
+# field. The network must be the checkpoint's: an architecture setting given with another value than the
+# checkpoint's is an error (one line, naming it and both values). One line names what was taken from the checkpoint,
+# one what a given setting changed. Resuming with the config the run was started with (the usual case) gives its
+# settings again: they agree with the checkpoint's; a setting added on the command line when the run started and not
+# repeated comes from the checkpoint, as long as no config file names it with another value.
 
 ARCHITECTURE = ("encoder", "decoder", "encoder_overrides", "decoder_overrides", "corruption")
+FIELDWISE = ("loss_weights",)  # dataclass settings: each field given or not
 
 
 def namespace_dict(value):
@@ -206,28 +222,107 @@ def model_defaults(class_path: str) -> dict:
     return defaults
 
 
-def reconcile_with_checkpoint(class_path: str, given: dict | None, hparams: dict, ckpt_path) -> dict:
-    """The settings to take from the checkpoint's hyperparameters (those left at their default); raises ValueError
-    when the model class or an architecture setting given contradicts the checkpoint."""
+def last_checkpoint(config) -> str | None:
+    """The file `--ckpt_path last` names: the newest last.ckpt (or last-N.ckpt) in the checkpoint folder
+    (checkpoint.dirpath, else <trainer.default_root_dir>/checkpoints: see RunCheckpoint), as Lightning picks it."""
+    folder = (config.get("checkpoint") or {}).get("dirpath") or os.path.join(
+        (config.get("trainer") or {}).get("default_root_dir") or ".", "checkpoints")
+    if "://" in str(folder) or not Path(folder).is_dir():
+        return None
+    found = [p for p in Path(folder).iterdir() if p.suffix == ".ckpt" and re.match(r"^last(-\d+)?$", p.stem)]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+def reconcile_with_checkpoint(class_path: str, given: dict | None, hparams: dict, ckpt_path,
+                              typed: dict | None = None) -> tuple[str, dict, list[str]]:
+    """(class_path, init_args, notes) of a run with --ckpt_path: the settings `typed` names (the parse without
+    defaults: {"class_path"?, "init_args": {...}}) keep their parsed value from `given`; the others take the
+    checkpoint's hyperparameters; `notes` are the one-line messages (restored, replaced). Raises ValueError when the
+    model class or an architecture setting given contradicts the checkpoint."""
     hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
     saved_class = hparams.pop("_class_path", class_path)
+    typed = typed or {}
     if saved_class != class_path:
-        raise ValueError(f"--ckpt_path {ckpt_path}: the checkpoint holds a {saved_class}, the config gives "
-                         f"model.class_path {class_path}")
-    given, defaults, taken = given or {}, model_defaults(class_path), {}
+        if typed.get("class_path") not in (None, saved_class):
+            raise ValueError(f"--ckpt_path {ckpt_path}: the checkpoint holds a {saved_class}, the config gives "
+                             f"model.class_path {class_path}")
+        class_path = saved_class  # not given: the checkpoint's
+    typed_args = namespace_dict(typed.get("init_args")) or {}
+    given, defaults = dict(given or {}), model_defaults(class_path)
+    init_args, restored, replaced = dict(given), [], []
     for name, saved in hparams.items():
-        if name not in defaults and name not in given:
-            continue
-        value = given.get(name, defaults.get(name))
-        if _normal(name, value) == _normal(name, saved):
-            continue
-        if name in defaults and _normal(name, value) == _normal(name, defaults[name]):
-            taken[name] = saved  # not given: the checkpoint's
-        elif name in ARCHITECTURE:
+        if name not in defaults:
+            continue  # an option this version no longer has
+        before = given.get(name, defaults[name])  # what the parse gave (the default when not given)
+        if name == "corruption":
+            value = _corruption_setting(typed_args.get(name), before, saved)
+        elif name in FIELDWISE and isinstance(typed_args.get(name), dict):
+            value = {**_normal(name, saved), **namespace_dict(typed_args[name])}
+        elif name in typed_args:
+            value = before
+        else:
+            value = saved
+        if name in ARCHITECTURE and _normal(name, value) != _normal(name, saved):
             raise ValueError(f"--ckpt_path {ckpt_path}: model.{name} is {_normal(name, saved)!r} in the checkpoint "
                              f"but {_normal(name, value)!r} was given; the network must be the checkpoint's (drop "
                              f"the setting, or start a new run from these weights with --model.init_from)")
-    return taken
+        init_args[name] = value
+        taken, changed = _notes(name, value, before, saved, typed_args.get(name))
+        restored, replaced = restored + taken, replaced + changed
+    notes = []
+    if restored:
+        notes.append(f"--ckpt_path {ckpt_path}: from the checkpoint (not given): {', '.join(restored)}")
+    if replaced:
+        notes.append(f"--ckpt_path {ckpt_path}: given, replacing the checkpoint's: {', '.join(replaced)}")
+    return class_path, init_args, notes
+
+
+def _corruption_setting(typed, parsed, saved):
+    """The run's corruption: the checkpoint's, with the init_args given replacing its own (another class given: the
+    parsed corruption, which the architecture check then refuses)."""
+    from dcssdae.autoencoder import build_corruption, corruption_config
+
+    saved = corruption_config(build_corruption(saved))  # every argument (a legacy config: parameterization field)
+    typed = namespace_dict(typed)
+    if typed is None:
+        return saved
+    if not isinstance(typed, dict) or typed.get("class_path", saved["class_path"]) != saved["class_path"]:
+        return namespace_dict(parsed)
+    return {"class_path": saved["class_path"],
+            "init_args": {**saved["init_args"], **(namespace_dict(typed.get("init_args")) or {})}}
+
+
+def _notes(name: str, value, before, saved, typed) -> tuple[list[str], list[str]]:
+    """(restored, replaced): "name value" for each (sub-)setting not given whose value the checkpoint changed (from
+    the parse's, `before`), and "name value (checkpoint: saved)" for each given one that differs from the
+    checkpoint's. The corruption's arguments and the loss weights count one by one."""
+    typed = namespace_dict(typed)
+    if name == "corruption" or name in FIELDWISE:
+        if typed is None:
+            given = set()
+        elif name == "corruption" and isinstance(typed, dict) and "init_args" in typed:
+            given = set(namespace_dict(typed["init_args"]) or {})
+        else:
+            given = set(typed) if isinstance(typed, dict) else set(_flat(name, value))
+        new, old, was = _flat(name, value), _flat(name, saved), _flat(name, before)
+        return ([f"{name}.{k} {v!r}" for k, v in new.items() if k not in given and v != was.get(k)],
+                [f"{name}.{k} {v!r} (checkpoint: {old.get(k)!r})" for k, v in new.items()
+                 if k in given and v != old.get(k)])
+    if typed is None:
+        return ([f"{name} {_normal(name, value)!r}"] if _normal(name, value) != _normal(name, before) else []), []
+    if _normal(name, value) == _normal(name, saved):
+        return [], []
+    return [], [f"{name} {_normal(name, value)!r} (checkpoint: {_normal(name, saved)!r})"]
+
+
+def _flat(name: str, value) -> dict:
+    """A corruption as {"class_path": ..., **init_args} (every argument), loss weights as their fields."""
+    if name == "corruption":
+        from dcssdae.autoencoder import build_corruption, corruption_config
+
+        config = corruption_config(build_corruption(namespace_dict(value)))
+        return {"class_path": config["class_path"].rpartition(".")[2], **config["init_args"]}
+    return _normal(name, value)
 
 
 def keep_logs_in_run_folder(trainer_config) -> None:

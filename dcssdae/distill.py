@@ -19,21 +19,63 @@ The teacher's sample gives the student a noise-paired target; x keeps it on the 
 perceptual terms share one pass of the network over the student's image). The terms are logged as train/distill,
 train/lpips (or train/stlpips) and train/data; their weights are `loss_weights.distill`, `.lpips` (or `.stlpips`)
 and `.data`.
-Only the student's decoder trains; the encoder is frozen. Validation decodes in one step.
+Only the student's decoder trains; the encoder is frozen and shared: student and teacher hold the same encoder
+module (one copy in memory), and the EMA averages the student's decoder only. Validation decodes in one step.
+
+The teacher must be the network the run reads it as: a teacher trained with another corruption (objective, decay,
+lambda, parameterisation; e.g. one saved before the `parameterization` option, whose network outputs the field,
+under a `denoiser` config) is refused when the run starts, not merely warned about.
 
 Checkpoints hold the student (and its EMA), not the teacher: the teacher is `init_from`'s model, which a resume
-(`--ckpt_path`) or `load_from_checkpoint` reads again from that file (so it must still be there).
+(`--ckpt_path`) or `load_from_checkpoint` reads again from that file (so it must still be there). They record the
+teacher's identity, `checkpoint["distill_teacher"]` = {"path", "global_step", "sha256"} (the step of the teacher's
+checkpoint or export and a hash of its weights); a resume whose `init_from` holds other weights (phase 3's
+`last.ckpt` rewritten since) is refused, naming both.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from dcssdae.autoencoder import load_weights
 from dcssdae.objectives import FlowMatching
 from dcssdae.system import DCSSDAESystem
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(memoryview(tensor.view(torch.uint8).numpy()))  # (a byte view: bf16 has no numpy dtype)
+    return digest.hexdigest()
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The global step a teacher file was written at: a `.ckpt`'s `global_step` (memory-mapped, tensors not read) or
+    an export's recorded step; None when it does not say."""
+    try:
+        if Path(path).is_dir():
+            return json.loads((Path(path) / "config.json").read_text()).get("export", {}).get("global_step")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    except Exception:  # noqa: BLE001 (a file that load_weights read but this cannot: the step is only a label)
+        return None
+
+
+def teacher_identity(path: str, state: dict[str, torch.Tensor]) -> dict:
+    """{"path", "global_step", "sha256"}: where the teacher came from and which weights it holds."""
+    return {"path": str(path), "global_step": checkpoint_step(path), "sha256": weights_sha256(state)}
+
+
+def describe_teacher(identity: dict) -> str:
+    return f"{identity['path']} (step {identity['global_step']}, weights sha256 {identity['sha256'][:12]})"
 
 
 class DistillSystem(DCSSDAESystem):
@@ -55,7 +97,11 @@ class DistillSystem(DCSSDAESystem):
             raise ValueError(f"loss_weights.data is a perceptual distance to the real image: it needs the perceptual "
                              f"network, so set loss_weights.{self.hparams.lpips_variant} > 0 as well")
         self.teacher_steps = teacher_steps
-        self.teacher = copy.deepcopy(self.ae).requires_grad_(False).eval()  # weights: setup() or the checkpoint
+        # The teacher: a copy of the student's decoder (its weights: setup() or the checkpoint) around the very same
+        # frozen encoder module (one copy in memory; its entries appear under both prefixes in the module's state).
+        shared = {id(self.ae.encoder): self.ae.encoder}
+        self.teacher = copy.deepcopy(self.ae, memo=shared).requires_grad_(False).eval()
+        self.teacher_identity: dict | None = None  # see the module docstring
         # The student is a one-step decoder: its own sampler (kept in its checkpoints and exports) is the single step;
         # the teacher keeps the configured multi-step sampler.
         self.ae.sampler = self.ae.one_step_sampler()
@@ -67,9 +113,14 @@ class DistillSystem(DCSSDAESystem):
         new_run = stage == "fit" and self.trainer.ckpt_path is None  # (a resumed run: see on_load_checkpoint)
         if new_run and not self.init_from:
             raise ValueError("distillation needs a teacher: set model.init_from to the phase-3 checkpoint")
-        super().setup(stage)  # loads init_from into the student
+        super().setup(stage)  # loads init_from into the student (its corruption checked strictly: see below)
         if new_run:
             self.teacher.load_state_dict(self.ae.state_dict())
+            self.teacher_identity = teacher_identity(self.init_from, self.teacher.state_dict())
+
+    def check_corruption(self, saved: dict | None, path: str, strict: bool = True) -> None:
+        """Always strict: a teacher (init_from) or a checkpoint of another corruption is refused."""
+        super().check_corruption(saved, path, strict=True)
 
     # The frozen teacher is init_from's model: not written into checkpoints, read again from init_from on load.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -77,6 +128,8 @@ class DistillSystem(DCSSDAESystem):
         for key in ("state_dict", "current_model_state"):
             if key in checkpoint:
                 checkpoint[key] = {k: v for k, v in checkpoint[key].items() if not k.startswith("teacher.")}
+        if self.teacher_identity is not None:
+            checkpoint["distill_teacher"] = dict(self.teacher_identity)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -87,9 +140,29 @@ class DistillSystem(DCSSDAESystem):
                              "teacher's checkpoint (the phase-3 run it was distilled from)")
         config, teacher = load_weights(self.init_from)
         self.check_corruption(config.get("corruption"), self.init_from)
+        own = self.teacher.state_dict()
+        self.verify_teacher(checkpoint.get("distill_teacher"),
+                            teacher_identity(self.init_from, {k: v for k, v in teacher.items() if k in own}))
         for key in ("state_dict", "current_model_state"):
             if key in checkpoint:
-                checkpoint[key].update({f"teacher.{k}": v for k, v in teacher.items()})
+                state = checkpoint[key]
+                # the teacher's decoder from init_from; its encoder is the student's (one shared module)
+                encoder = {f"teacher.{k[len('ae.'):]}": v for k, v in state.items() if k.startswith("ae.encoder.")}
+                state.update({f"teacher.{k}": v for k, v in teacher.items() if not k.startswith("encoder.")})
+                state.update(encoder)
+
+    def verify_teacher(self, saved: dict | None, loaded: dict) -> None:
+        """Refuse a teacher whose weights are not the ones the run was distilled from (resuming fit); remember it."""
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if saved is None:
+            if fitting:
+                rank_zero_warn(f"this distillation checkpoint predates teacher identities: its teacher cannot be "
+                               f"checked; distilling on from {describe_teacher(loaded)}")
+        elif saved["sha256"] != loaded["sha256"] and fitting:
+            raise ValueError(f"model.init_from {describe_teacher(loaded)} is not the teacher this run was distilled "
+                             f"from: {describe_teacher(saved)}. Point init_from at that teacher, or start a new "
+                             f"distillation (without --ckpt_path) from this one")
+        self.teacher_identity = saved if saved is not None and saved["sha256"] == loaded["sha256"] else loaded
 
     def train(self, mode: bool = True) -> DistillSystem:
         super().train(mode)

@@ -11,21 +11,29 @@ no randomness and no state inside. One entry point:
   per-sample inputs through `context` (`sample(decoder, noise, "adaptive", context=(z,))`).
 * `nfe` is a (B,) long tensor: network evaluations spent on each sample.
 
-Settings are keyword arguments checked against the method (unknown names raise). Step sizes may be Python numbers
-or tensors (0-d or one per sample, (B,)): the public DC-SSDAE sampler crashed on a float step (`float.reshape`).
+Settings are keyword arguments checked against the method (unknown names raise), each with one meaning; a setting
+the chosen schedule would ignore raises (e.g. `eta` under schedule "noise", `power` under "constant"). Step sizes
+may be Python numbers or tensors (0-d or one per sample, (B,)): the public DC-SSDAE sampler crashed on a float step
+(`float.reshape`).
+
+* `eta`: the descent step of schedule "constant" and of `one_step`, x <- x - eta f(x) (the EqM paper's descent).
+* `step_to_data`: s(gamma) = (1 - gamma) / c(gamma), the step that moves x_gamma onto the one-step estimate x0_hat
+  (a number, a tensor or a function of gamma; default 0.5 = 1 / lambda of the default EquilibriumMatching).
+  Schedule "noise" takes its steps from it and from the noise grid; every method forms its one-step estimates with it.
 
 Equilibrium Matching descent (Wang & Du 2025, Sec. 4; sign convention in `dcssdae.objectives`): the field f points
 away from the data, so every method descends, x <- x - eta_k * f(x). The sampler never sees gamma: fn(x) is all it
 has. With the linear decay c(gamma) = lambda * (1 - gamma) the ideal field is lambda * (x - E[x0 | x]), so one step
-of eta = 1 / lambda (`EquilibriumMatching().step_to_data(0)` = 0.5, the default eta here) jumps to the posterior mean
+of 1 / lambda (`EquilibriumMatching().step_to_data(0)` = 0.5, the default step_to_data) jumps to the posterior mean
 E[x0 | x]: the data itself only for a point mass, otherwise the blurry average, from which constant steps barely
 move (on the exact field of a Gaussian with std 0.3 the output spread is 0.001 after one step, 0.13 after 8 and
 0.21 after 32 constant steps). The step-size schedule `noise` (default of gd / nesterov / adaptive) keeps part of
 the noise at every step: on t_k = (1 - k/N)^power, eta_k = (1 - t_{k+1}/t_k) * s(1 - t_k), the DDIM / Euler update
 (see `gradient_descent`); s = `step_to_data` (the corruption's (1 - gamma) / c(gamma), which `DCSSDAE.decode`
-passes) or eta. On the same Gaussian: spread 0.25 / 0.27 / 0.29 after 4 / 8 / 16 steps (power 2). `t_min` puts a
-floor under the evaluated levels (`noise_grid`; the last step jumps from there to the one-step estimate). `constant`
-keeps eta at every step (the EqM paper: eta = 0.0017 and hundreds of steps).
+passes). On a Gaussian with known levels the spread kept is `ddim_gaussian_spread`: 16 steps at power 2 keep 91% of
+it (on the exact time-free field of a 2000-dimensional one, 96%). `t_min` puts a floor under the evaluated levels (`noise_grid`). Under `noise` the last step of every
+method (t_N = 0) returns the one-step estimate at the last evaluated point: a clean image, no noise left.
+`constant` keeps eta at every step (the EqM paper: eta = 0.0017 and hundreds of steps) and returns the last iterate.
 
 `anchor` (gd / nesterov / adaptive; 0 = off) samples only the fine scales: the first evaluation, at pure noise, gives
 the one-step estimate, the posterior mean E[x | z]; at every later step the coarse part of the estimate x0_hat (its
@@ -44,9 +52,10 @@ import torch
 
 Tensor = torch.Tensor
 
-# Default step (and step to the data s when no `step_to_data` is given): 1 / lambda for the default
-# EquilibriumMatching (linear decay, lambda = 2); see the module docstring.
-DEFAULT_ETA = 0.5
+# Step to the data s when no `step_to_data` is given (and the step of `one_step` and of schedule "constant" when
+# no `eta` is given): 1 / lambda for the default EquilibriumMatching (linear decay, lambda = 2).
+DEFAULT_STEP_TO_DATA = 0.5
+DEFAULT_POWER = 2.0  # exponent of the noise grid t_k = (1 - k/N)^power
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,7 +92,7 @@ def _evaluate(fn: Callable, x: Tensor, context: Sequence[Tensor], *extra) -> Ten
     if not isinstance(out, Tensor) or out.shape != x.shape:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"fn must return a tensor shaped like its input {tuple(x.shape)}; got {got}")
-    return out
+    return out.to(x.dtype)  # the sampler's state keeps its dtype (float32 for a half-precision network)
 
 
 def _nfe(noise: Tensor, count: int) -> Tensor:
@@ -134,9 +143,10 @@ def _anchor(g: Tensor, x: Tensor, s: Tensor, ref: Tensor | None, anchor: float) 
 
 Schedule = Literal["constant", "noise"]
 SCHEDULES = ("constant", "noise")
+StepToData = Callable[[Tensor], Tensor] | float | Tensor | None
 
 
-def noise_grid(steps: int, power: float = 2.0, device: torch.device | None = None,
+def noise_grid(steps: int, power: float = DEFAULT_POWER, device: torch.device | None = None,
                dtype: torch.dtype = torch.float32, t_min: float = 0.0) -> Tensor:
     """Remaining-noise fractions t_k = t_min + (1 - t_min) (1 - k/N)^power for k = 0..N-1 and t_N = 0: t_0 = 1 (pure
     noise), t_N = 0 (the data). `t_min` > 0 is a floor under the levels the network is evaluated at (the last one
@@ -152,36 +162,71 @@ def noise_grid(steps: int, power: float = 2.0, device: torch.device | None = Non
     return t.to(dtype)
 
 
-def _data_step(step_to_data: Callable | None, eta: Tensor, gamma: Tensor) -> Tensor:
-    """s(gamma) = (1 - gamma) / c(gamma) as a (B,) tensor: the corruption's closed form when given, else eta."""
-    if step_to_data is None:
-        return eta
-    s = torch.as_tensor(step_to_data(gamma), device=eta.device).to(eta.dtype)
-    if not bool((s > 0).all()):
-        raise ValueError(f"step_to_data must be > 0, got {s.min().item()} at gamma {gamma.item():.4f}")
-    return s.expand_as(eta)
+def ddim_gaussian_spread(sigma: float, steps: int, power: float = DEFAULT_POWER, t_min: float = 0.0) -> float:
+    """The spread (std of x - mu per dimension) of `gradient_descent` on the noise schedule, from unit noise, on the
+    ideal field of x ~ N(mu, sigma^2 I) under the linear decay when the level is known (high dimensions).
 
-
-def step_sizes(schedule: str, steps: int, eta: Tensor, power: float = 2.0,
-               step_to_data: Callable | None = None, t_min: float = 0.0) -> list[tuple[Tensor, Tensor]]:
-    """[(eta_k, s_k)] for k = 0..steps-1, each a (B,) tensor: the step size and the step to the data s(gamma_k).
-
-    `constant`: eta_k = eta, and s_k = s(0) (= 1 / c(0)) when `step_to_data` is given, else eta.
-    `noise`: t_k = `noise_grid(steps, power, t_min=t_min)`, gamma_k = 1 - t_k, s_k = s(gamma_k) (eta when
-    `step_to_data` is None, exact for the linear decay where s = 1 / lambda) and eta_k = (1 - t_{k+1} / t_k) * s_k.
+    At remaining noise t (gamma = 1 - t) the estimate is E[x | y] = mu + a (y - gamma mu), a = gamma sigma^2 /
+    (gamma^2 sigma^2 + t^2). With e_k = y_k - gamma_k mu the update y_{k+1} = r y_k + (1 - r) E[x | y_k],
+    r = t_{k+1} / t_k, gives e_{k+1} = (r + (1 - r) a_k) e_k (the mu terms cancel: r gamma_k + 1 - r = gamma_{k+1}),
+    e_0 = noise and x - mu = e_N: the output is mu + m * noise with m the product of those factors.
     """
+    t = noise_grid(steps, power, dtype=torch.float64, t_min=t_min).tolist()
+    m = 1.0
+    for t_k, t_next in itertools.pairwise(t):
+        gamma, r = 1 - t_k, t_next / t_k
+        m *= r + (1 - r) * gamma * sigma**2 / (gamma**2 * sigma**2 + t_k**2)
+    return m
+
+
+def _data_step(step_to_data: StepToData, gamma: Tensor, like: Tensor) -> Tensor:
+    """s(gamma) as a (B,) tensor like `like`: `step_to_data` called at gamma, or the number / tensor itself (the
+    default 0.5 when None)."""
+    if step_to_data is None:
+        step_to_data = DEFAULT_STEP_TO_DATA
+    if not callable(step_to_data):
+        return _step_size(step_to_data, like, "step_to_data")
+    s = torch.as_tensor(step_to_data(gamma), device=like.device).to(like.dtype)
+    if not bool((s > 0).all()):
+        raise ValueError(f"step_to_data must be > 0, got {s.min().item()} at gamma {float(gamma):.4f}")
+    return s.expand(like.shape[0])
+
+
+def _schedule_settings(schedule: str, eta, power, t_min: float) -> float:
+    """Refuse a setting the schedule would ignore; returns the noise grid's power (unused by "constant")."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    if schedule == "noise" and eta is not None:
+        raise ValueError("eta is the step of schedule='constant' (x <- x - eta f(x), the EqM paper's descent); "
+                         "schedule='noise' takes its steps from the noise grid and step_to_data (the corruption's "
+                         "(1 - gamma) / c(gamma)): drop eta, or pass schedule='constant'")
+    if schedule == "constant" and power is not None:
+        raise ValueError(f"power={power} shapes the noise grid of schedule='noise'; schedule='constant' has none: "
+                         "drop power, or pass schedule='noise'")
+    if schedule == "constant" and t_min:
+        raise ValueError(f"t_min={t_min} needs schedule='noise' (the constant schedule has no noise grid)")
+    return DEFAULT_POWER if power is None else power
+
+
+def step_sizes(schedule: str, steps: int, noise: Tensor, eta: float | Tensor | None = None,
+               power: float | None = None, step_to_data: StepToData = None,
+               t_min: float = 0.0) -> list[tuple[Tensor, Tensor]]:
+    """[(eta_k, s_k)] for k = 0..steps-1, each a (B,) tensor like `noise`: the step size and the step to the data
+    s(gamma_k).
+
+    `constant`: eta_k = eta (default s(0)), s_k = s(0). `noise`: t_k = `noise_grid(steps, power, t_min=t_min)`,
+    gamma_k = 1 - t_k, s_k = s(gamma_k) and eta_k = (1 - t_{k+1} / t_k) * s_k; eta is refused there (its steps
+    follow from the grid).
+    """
+    power = _schedule_settings(schedule, eta, power, t_min)
     if schedule == "constant":
-        if t_min:
-            raise ValueError(f"t_min={t_min} needs schedule='noise' (the constant schedule has no noise grid)")
-        s = _data_step(step_to_data, eta, torch.tensor(0.0, dtype=torch.float64))
-        return [(eta, s)] * steps
+        s = _data_step(step_to_data, torch.tensor(0.0, dtype=torch.float64), noise)
+        return [(s if eta is None else _step_size(eta, noise), s)] * steps
     t = noise_grid(steps, power, dtype=torch.float64, t_min=t_min)
     out = []
     for t_k, t_next in itertools.pairwise(t):
-        s = _data_step(step_to_data, eta, 1 - t_k)
-        out.append(((1 - t_next / t_k).to(eta.dtype) * s, s))
+        s = _data_step(step_to_data, 1 - t_k, noise)
+        out.append(((1 - t_next / t_k).to(noise.dtype) * s, s))
     return out
 
 
@@ -195,29 +240,31 @@ def gradient_descent(
     context=(),
     *,
     steps: int = 8,
-    eta: float | Tensor = DEFAULT_ETA,
+    eta: float | Tensor | None = None,
     schedule: Schedule = "noise",
-    power: float = 2.0,
-    step_to_data: Callable | None = None,
+    power: float | None = None,
+    step_to_data: StepToData = None,
     t_min: float = 0.0,
     anchor: float = 0.0,
 ):
     """x_{k+1} = x_k - eta_k * f(x_k), `steps` times from x_0 = noise, eta_k from `step_sizes(schedule, ...)`.
 
-    Under `noise` this is the DDIM / Euler update on the remaining-noise grid t_k, for every decay. A sample at
-    noise level gamma_k = 1 - t_k, y = gamma_k x + t_k noise, has target field f* = c(gamma_k) (noise - x)
-    = c(gamma_k) / t_k * (y - x), so x0_hat = y - s(gamma_k) f with s = (1 - gamma) / c(gamma) and
+    Under `noise` (power 2 unless given) this is the DDIM / Euler update on the remaining-noise grid t_k, for every
+    decay. A sample at noise level gamma_k = 1 - t_k, y = gamma_k x + t_k noise, has target field f* = c(gamma_k)
+    (noise - x) = c(gamma_k) / t_k * (y - x), so x0_hat = y - s(gamma_k) f with s = (1 - gamma) / c(gamma) and
 
         x_{k+1} = (t_{k+1}/t_k) y + (1 - t_{k+1}/t_k) x0_hat = y - (1 - t_{k+1}/t_k) s(gamma_k) f(y),
 
-    which keeps the fraction t_{k+1}/t_k of the current noise and moves the rest to the one-step estimate.
-    Linear decay: s = 1 / lambda for every gamma (so `step_to_data` may be left out: s = eta = 1 / lambda).
+    which keeps the fraction t_{k+1}/t_k of the current noise and moves the rest to the one-step estimate; the last
+    step (t_N = 0) lands on it. On a Gaussian the result's spread is `ddim_gaussian_spread`.
+    Linear decay: s = 1 / lambda for every gamma (so `step_to_data` may be a number).
     Truncated decay: c = lambda below a, so s = (1 - gamma) / lambda there (the step shrinks with the noise), and
     s = (1 - a) / lambda above a. Piecewise decay: s = (1 - gamma) / (lambda (b - (b - 1) gamma / a)) below a,
     (1 - a) / lambda above. For those two the ideal field mixes levels, f(y) = E[c / (1 - gamma) (y - x) | y],
-    so the update is exact only where the level posterior is sharp (high dimensions); t_N = 0 ends on x0_hat.
-    Under `constant` (eta every step; the EqM paper's 0.0017 with hundreds of steps) a step of 1 / lambda jumps to
-    the posterior mean E[x | y] and later steps barely move from it: the output collapses to the blurry mean.
+    so the update is exact only where the level posterior is sharp (high dimensions).
+    Under `constant` (eta every step, default s(0); the EqM paper's 0.0017 with hundreds of steps) a step of
+    1 / lambda jumps to the posterior mean E[x | y] and later steps barely move from it: the output collapses to the
+    blurry mean.
 
     `anchor` > 0 (images only): the first evaluation's estimate x0_hat_0 = noise - s_0 f(noise) (the posterior mean
     E[x | z]) is kept as a reference, and every later step uses x0_hat_k + low_pass(x0_hat_0 - x0_hat_k) in place of
@@ -226,10 +273,10 @@ def gradient_descent(
     No extra evaluation. On the exact field of a Gaussian the sample's coarse part is the mean's and its fine part
     keeps the true spread (`tests/test_sampling.py`).
     """
-    steps, eta = _check_steps(steps), _step_size(eta, noise)
+    steps = _check_steps(steps)
     anchor = _check_anchor(anchor, noise)
     x, ref = noise, None
-    for eta_k, s_k in step_sizes(schedule, steps, eta, power, step_to_data, t_min):
+    for eta_k, s_k in step_sizes(schedule, steps, noise, eta, power, step_to_data, t_min):
         g, ref = _anchor(_evaluate(fn, x, context), x, s_k, ref, anchor)
         x = x - _bcast(eta_k, x) * g
     return x, _nfe(noise, steps)
@@ -245,12 +292,12 @@ def nesterov(
     context=(),
     *,
     steps: int = 8,
-    eta: float | Tensor = DEFAULT_ETA,
+    eta: float | Tensor | None = None,
     mu: float = 0.3,
     form: Literal["standard", "eqm"] = "standard",
     schedule: Schedule = "noise",
-    power: float = 2.0,
-    step_to_data: Callable | None = None,
+    power: float | None = None,
+    step_to_data: StepToData = None,
     t_min: float = 0.0,
     anchor: float = 0.0,
 ):
@@ -273,17 +320,19 @@ def nesterov(
     y_k = x_k + mu_k (x_k - x_{k-1}) sits at t_y = t_k - mu_k (t_{k-1} - t_k); `standard` then takes the DDIM step
     from t_y to t_{k+1}, eta_k = (1 - t_{k+1} / t_y) s(1 - t_y). Using the step of t_k there instead overshoots the
     noise the look-ahead already removed and shrinks the sample spread. mu_k = min(mu, (t_k - t_{k+1}) /
-    (2 (t_{k-1} - t_k))) keeps the look-ahead short of the next level. `eqm` steps from x_k with gd's eta_k.
+    (2 (t_{k-1} - t_k))) keeps the look-ahead short of the next level. `eqm` steps from x_k with gd's eta_k, except
+    at the last step (t_N = 0), where both forms return the one-step estimate at the look-ahead, y - s(1 - t_y) f(y)
+    (x_k - s f(y) would keep the momentum's displacement x_k - y = -mu_k (x_k - x_{k-1}), i.e. noise).
     `anchor` as in `gradient_descent`, on the estimate at the evaluated point y_k.
     """
-    steps, eta = _check_steps(steps), _step_size(eta, noise)
+    steps = _check_steps(steps)
     if not 0.0 <= mu < 1.0:
         raise ValueError(f"mu must lie in [0, 1), got {mu}")
     if form not in ("standard", "eqm"):
         raise ValueError(f"unknown nesterov form {form!r}; known: standard, eqm")
     anchor = _check_anchor(anchor, noise)
-    sizes = step_sizes(schedule, steps, eta, power, step_to_data, t_min)
-    t = noise_grid(steps, power, dtype=torch.float64, t_min=t_min) if schedule == "noise" else None
+    sizes = step_sizes(schedule, steps, noise, eta, power, step_to_data, t_min)
+    t = noise_grid(steps, DEFAULT_POWER if power is None else power, dtype=torch.float64, t_min=t_min) if schedule == "noise" else None
     x = x_prev = noise
     ref = None
     for k, (eta_k, s_k) in enumerate(sizes):
@@ -292,12 +341,14 @@ def nesterov(
             mu_k = min(mu, 0.5 * float((t[k] - t[k + 1]) / (t[k - 1] - t[k])))
         y = x + mu_k * (x - x_prev)                          # look-ahead point (both forms)
         g = _evaluate(fn, y, context)
-        if t is not None and form == "standard" and k > 0:
+        last = t is not None and k == steps - 1              # t_N = 0: return the estimate at y
+        step_from = y if form == "standard" or last else x
+        if t is not None and k > 0 and (form == "standard" or last):
             t_y = t[k] - mu_k * (t[k - 1] - t[k])            # the look-ahead's remaining noise
-            s_k = _data_step(step_to_data, eta, 1 - t_y)
-            eta_k = (1 - t[k + 1] / t_y).to(eta.dtype) * s_k
+            s_k = _data_step(step_to_data, 1 - t_y, noise)
+            eta_k = (1 - t[k + 1] / t_y).to(noise.dtype) * s_k
         g, ref = _anchor(g, y, s_k, ref, anchor)
-        x_prev, x = x, (y if form == "standard" else x) - _bcast(eta_k, x) * g
+        x_prev, x = x, step_from - _bcast(eta_k, x) * g
     return x, _nfe(noise, steps)
 
 
@@ -310,40 +361,48 @@ def adaptive(
     noise,
     context=(),
     *,
-    eta: float | Tensor = DEFAULT_ETA,
+    eta: float | Tensor | None = None,
     threshold: float = 0.01,
     max_steps: int = 32,
     schedule: Schedule = "noise",
-    power: float = 2.0,
-    step_to_data: Callable | None = None,
+    power: float | None = None,
+    step_to_data: StepToData = None,
     t_min: float = 0.0,
     anchor: float = 0.0,
 ):
     """`gd` on the schedule of `max_steps` steps, stopping each sample once its one-step estimate has settled.
 
-    Evaluation k gives f(x_k), the one-step estimate x0_hat_k = x_k - s_k f(x_k) and the descent step. Step k
-    removes the fraction r_k = eta_k / s_k of the remaining noise (1 - t_{k+1}/t_k under `noise`), so if the
-    estimate kept changing at the rate of the last step it would still move by
-    RMS(x0_hat_k - x0_hat_{k-1}) * (1 - r_{k-1}) / r_{k-1} before the end (RMS over a sample's elements). A sample
-    stops when that is < threshold and returns x0_hat_k (its estimate at the data end). The EqM paper's rule,
-    stop when ||f|| is small, fires at the blurry posterior mean that one large step reaches (f is small at a
-    clean-looking image) and is not used. Each round evaluates only the running samples (the batch shrinks;
-    `context` is indexed along). At most `max_steps` evaluations per sample; nfe[i] = evaluations of sample i.
-    `anchor` as in `gradient_descent` (the estimates compared are the anchored ones).
+    Evaluation k gives f(x_k), the one-step estimate x0_hat_k = x_k - s_k f(x_k) and the descent step, which
+    removes the fraction r_k = eta_k / s_k of the remaining noise t_k (t_0 = 1, t_{k+1} = (1 - r_k) t_k: the grid of
+    `noise`). A sample stops, returning x0_hat_k (its estimate at the data end), once both predictions of how far
+    its estimate would still move before the end (RMS over its elements, with c_k = RMS(x0_hat_k - x0_hat_{k-1}))
+    are below `threshold`:
+
+    * at the rate of the last step: c_k * (1 - r_{k-1}) / r_{k-1} (the estimate moving linearly with the noise
+      removed), the remaining move of content the estimate already resolves;
+    * sqrt(c_k / (u_k - u_{k-1})), u = (1 - t) / t the signal-to-noise ratio: the content still unresolved. On
+      Gaussian data of variance lambda a direction the estimate has not resolved yet (u^2 lambda << 1) moves as
+      u lambda and still has its whole spread sqrt(lambda) to go; its rate per unit of u is lambda, so the square
+      root of the rate is that spread. (On data of small, correlated variance, as p(x | z) of an image, the first
+      rule alone fires at the first check, on the posterior mean.)
+
+    The EqM paper's rule, stop when ||f|| is small, fires at the blurry posterior mean that one large step reaches
+    (f is small at a clean-looking image) and is not used. Each round evaluates only the running samples (the batch
+    shrinks; `context` is indexed along). At most `max_steps` evaluations per sample; nfe[i] = evaluations of sample
+    i; a sample that runs them all ends as `gd` does. `anchor` as in `gradient_descent` (the estimates compared are
+    the anchored ones).
     """
-    eta = _step_size(eta, noise)
     anchor = _check_anchor(anchor, noise)
     max_steps = _check_steps(max_steps, "max_steps")
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")
-    if schedule == "constant" and step_to_data is None:
-        raise ValueError("adaptive with schedule='constant' needs step_to_data (the corruption's (1 - gamma) / "
-                         "c(gamma), e.g. EquilibriumMatching().step_to_data) to form its one-step estimates")
+    sizes = step_sizes(schedule, max_steps, noise, eta, power, step_to_data, t_min)
     x, nfe = noise, torch.zeros(noise.shape[0], dtype=torch.long, device=noise.device)
     x0_prev = torch.zeros_like(noise)
     active = torch.arange(noise.shape[0], device=noise.device)
-    r_prev = None
-    for k, (eta_k, s_k) in enumerate(step_sizes(schedule, max_steps, eta, power, step_to_data, t_min)):
+    t = torch.ones(noise.shape[0], dtype=torch.float64, device=noise.device)  # remaining noise of x_k
+    t_prev = r_prev = ref = None
+    for k, (eta_k, s_k) in enumerate(sizes):
         x_active = x.index_select(0, active)
         g = _evaluate(fn, x_active, [c.index_select(0, active) for c in context])
         if anchor and k == 0:
@@ -354,15 +413,18 @@ def adaptive(
         x0_hat = x_active - _bcast(s_k.index_select(0, active), x_active) * g
         x = x.index_copy(0, active, x_active - _bcast(eta_k.index_select(0, active), x_active) * g)
         if r_prev is not None and k < max_steps - 1:
-            change = (x0_hat - x0_prev.index_select(0, active)).detach().float().flatten(1).square().mean(1).sqrt()
-            r = r_prev.index_select(0, active).float()
-            settled = change * (1 - r) / r < threshold
+            change = (x0_hat - x0_prev.index_select(0, active)).detach().double().flatten(1).square().mean(1).sqrt()
+            r = r_prev.index_select(0, active)
+            resolved = change * (1 - r) / r
+            unresolved = (change / (1 / t.index_select(0, active) - 1 / t_prev.index_select(0, active))).sqrt()
+            settled = torch.maximum(resolved, unresolved) < threshold
             if settled.any():
                 done = active[settled]
                 x = x.index_copy(0, done, x0_hat[settled])
                 active, x0_hat = active[~settled], x0_hat[~settled]
         x0_prev = x0_prev.index_copy(0, active, x0_hat)
-        r_prev = (eta_k / s_k).clamp(max=1.0)
+        r_prev = (eta_k / s_k).double().clamp(max=1.0)
+        t_prev, t = t, t * (1 - r_prev)
         if active.numel() == 0:
             break
     return x, nfe
@@ -372,7 +434,7 @@ def adaptive(
 # One step from pure noise: x0_hat = noise - f(noise) * (1 - 0) / c(0) (the single-step decoder).
 
 
-def one_step(fn, noise, context=(), *, eta: float | Tensor = DEFAULT_ETA):
+def one_step(fn, noise, context=(), *, eta: float | Tensor = DEFAULT_STEP_TO_DATA):
     """x = noise - eta * f(noise). With eta = 1 / c(0) (`EquilibriumMatching.step_to_data(0)`) and an ideal field this
     is the posterior mean E[x | noise] (for the decoder, E[x | noise, z]): the data itself only for a point mass,
     otherwise the blurry average. A distilled student is trained to make this one step a sample."""

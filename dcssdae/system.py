@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +46,7 @@ from dcssdae.autoencoder import (
 )
 from dcssdae.baselines import baseline
 from dcssdae.losses import LossWeights, LPIPSLoss, REPALoss, kl_loss, lowpass_loss
+from dcssdae.lr_schedule import LRSchedule
 from dcssdae.metrics import (
     ReconstructionMetrics,
     format_table,
@@ -76,6 +76,19 @@ def _grow_output_rows(state: dict, own: dict, path: str) -> dict:
         rank_zero_info(f"init_from {path}: {key} has {len(mine)} output channels here, {len(theirs)} in the file; "
                        f"the others keep their initialisation")
     return state
+
+
+def corruption_difference(saved: dict, theirs: dict, ours: dict) -> str:
+    """What differs between two network corruption configs, e.g. "parameterization: 'field' there, 'denoiser'
+    here", saying when the file predates the `parameterization` option (its network outputs the field)."""
+    if theirs["class_path"] != ours["class_path"]:
+        return f"{theirs['class_path'].rpartition('.')[2]} there, {ours['class_path'].rpartition('.')[2]} here"
+    a, b = theirs["init_args"], ours["init_args"]
+    parts = [f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    legacy = isinstance(saved, dict) and "parameterization" not in (saved.get("init_args") or {})
+    if legacy and a.get("parameterization") == "field":
+        parts.append("it was saved before the `parameterization` option, so its network outputs the field itself")
+    return "; ".join(parts)
 
 
 class DCSSDAESystem(pl.LightningModule):
@@ -147,7 +160,8 @@ class DCSSDAESystem(pl.LightningModule):
             betas: Adam betas.
             warmup_steps: linear learning-rate warm-up (AdamW only).
             lr_schedule: after the warm-up, "constant" or "cosine" (half a cosine from lr to 0 at trainer.max_steps;
-                for short runs such as the quick-start). AdamW only.
+                for short runs such as the quick-start; a resume with a larger max_steps stretches the rest of the
+                cosine from the learning rate reached, see dcssdae.lr_schedule). AdamW only.
             val_steps: sampler steps for validation (None: the sampler's; 1: the one-step decoder).
             val_extra_steps: step counts also scored at every validation, from the same latents and noise, printed
                 and logged beside the model (`val_<n>step/*`), e.g. [1]: the one-step decoder (the posterior mean
@@ -478,13 +492,9 @@ class DCSSDAESystem(pl.LightningModule):
         if self.lr_schedule == "cosine" and (total is None or total <= warmup):
             raise ValueError(f"lr_schedule 'cosine' decays to 0 at trainer.max_steps: set max_steps > warmup_steps "
                              f"({warmup}), got {total}")
-
-        def factor(step: int) -> float:  # step = optimiser steps taken so far
-            if step < warmup or self.lr_schedule == "constant":
-                return min(1.0, (step + 1) / warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        # warm-up, then constant or cosine to 0 at max_steps; an extension (--ckpt_path with another max_steps)
+        # continues from the learning rate reached: dcssdae.lr_schedule
+        schedule = LRSchedule(optimizer, warmup, self.lr_schedule, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # Schedule-free optimisers evaluate at their averaged iterate: switch them around validation. These hooks run
@@ -525,13 +535,14 @@ class DCSSDAESystem(pl.LightningModule):
         ours = network_corruption_config(self.corruption)
         if theirs != ours:
             message = (f"{path} was trained with corruption {theirs} but this run uses {ours}: the decoder's output "
-                       "means something else")
+                       f"means something else ({corruption_difference(saved, theirs, ours)})")
             if strict:
                 raise ValueError(message + "; set model.corruption to match")
             rank_zero_warn(message + " (initialising from it anyway)")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.loaded_global_step = checkpoint.get("global_step")  # recorded in validate / test metrics JSON
+        self.use_own_optimizer_settings(checkpoint)
         path = self._trainer.ckpt_path if self._trainer is not None else "the checkpoint"
         self.check_corruption(checkpoint.get("dcssdae_config", {}).get("corruption"), str(path))
         # Resuming needs the very same network: say so plainly, before torch lists every size mismatch.
@@ -544,6 +555,16 @@ class DCSSDAESystem(pl.LightningModule):
             raise ValueError(f"{path} holds another network than this config ({len(differ)} autoencoder tensors "
                              f"differ, e.g. {', '.join(differ[:3])}). --ckpt_path resumes the same run; to start a "
                              f"new one from its weights use --model.init_args.init_from {path}")
+
+    def use_own_optimizer_settings(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming restores the optimiser's saved hyperparameters; put this run's in their place (the same values
+        unless given anew with --ckpt_path, see dcssdae.cli): weight decay and betas per group, and the learning rate
+        of the schedule-free optimiser (AdamW's comes from its schedule, dcssdae.lr_schedule)."""
+        for state in checkpoint.get("optimizer_states") or []:
+            for group, decay in zip(state.get("param_groups", []), (self.weight_decay, 0.0)):
+                group.update(weight_decay=decay, betas=tuple(self.betas))
+                if self.optimizer_name == "radam_schedulefree":
+                    group["lr"] = self.lr
 
 
 # ------------------------------------------------------------------------------------------------

@@ -251,6 +251,73 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     assert steps == list(range(stopped_at, stopped_at + 3)) and f"DONE {stopped_at + 3}" in out, out
 
 
+# A run killed (SIGKILL: a node lost) in the middle of writing last.ckpt resumes from the last complete one.
+
+KILLED_WHILE_SAVING = """
+    import io, sys, time, torch, lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+    from dcssdae.checkpointing import AtomicCheckpointIO, RunCheckpoint, StepSeed
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(64, 64)
+
+        def training_step(self, batch, batch_idx):
+            print(f"STEP {self.global_step}", flush=True)
+            return (self.net(batch[0]) - 1).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    max_steps, ckpt_path, slow = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "slow"
+    real_save, saves = torch.save, []
+
+    def slow_save(obj, f):  # the second checkpoint is written slowly (a large file on a slow disk)
+        saves.append(obj.get("global_step") if isinstance(obj, dict) else None)
+        if len(saves) < 2:
+            return real_save(obj, f)
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        data = buf.getvalue()
+        for i in range(0, len(data), 1024):
+            f.write(data[i : i + 1024])
+            f.flush()
+            if i == 2048:
+                print(f"WRITING step {obj['global_step']}", flush=True)
+            time.sleep(0.05)
+
+    if slow:
+        torch.save = slow_save
+    L.seed_everything(0)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=".", plugins=[AtomicCheckpointIO()],
+                        callbacks=[RunCheckpoint(dirpath="ckpts", every_n_train_steps=2, save_top_k=0, save_last=True,
+                                                 enable_version_counter=False), StepSeed()])
+    trainer.fit(Tiny(), DataLoader(TensorDataset(torch.randn(64, 64)), batch_size=2),
+                ckpt_path=None if ckpt_path == "none" else ckpt_path)
+    print(f"DONE {trainer.global_step}", flush=True)
+"""
+
+
+def test_a_run_killed_while_writing_its_checkpoint_resumes_from_the_last_complete_one(tmp_path):
+    """last.ckpt is written at steps 2, 4, ...; SIGKILL arrives while step 4's is being written: last.ckpt still
+    holds step 2 (the partial file has a temporary name), and `--ckpt_path last` resumes from it to the end."""
+    proc = run_script(tmp_path, KILLED_WHILE_SAVING, "1000", "none", "slow")
+    wait_for(proc, "WRITING step 4", timeout=300)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    last = tmp_path / "ckpts" / "last.ckpt"
+    assert load_checkpoint(last)["global_step"] == 2  # complete and weights-only loadable
+    assert len(list(last.parent.glob(".last.ckpt.*.tmp"))) == 1  # the interrupted write
+    resumed = run_script(tmp_path, KILLED_WHILE_SAVING, "6", "last", "fast")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    steps = [int(line.split()[1]) for line in out.splitlines() if line.startswith("STEP")]
+    assert steps == [2, 3, 4, 5] and "DONE 6" in out, out
+    assert load_checkpoint(last)["global_step"] == 6 and not list(last.parent.glob(".*.tmp"))
+
+
 def test_first_ctrl_c_saves_a_checkpoint(tmp_path):
     _, out = stop_with(tmp_path, signal.SIGINT)
     assert "Interrupted: finishing the current step" in out

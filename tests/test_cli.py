@@ -4,7 +4,9 @@ quick-start fit -> checkpoint -> validate / test (metrics JSON) and predict (rec
 which every rank draws its own noise."""
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
@@ -66,18 +69,118 @@ def test_ckpt_path_keeps_the_evaluation_settings_of_the_command_line(tiny_cli, q
     assert metrics["nfe"] == 2.0 and metrics["sampler"]["method"] == "nesterov" and metrics["sampler"]["steps"] == 2
 
 
-def test_a_setting_taken_from_the_checkpoint_leaves_the_other_settings_alone(tiny_cli, quickstart_ckpt):
-    """A checkpoint trained with another sampler: validate takes that sampler (left at its default on the command line)
-    and keeps every other setting of the config (here the overlay's val_lpips null and val_rfid false, not the
-    system's defaults "lpips" and true, whose weights are not on this machine)."""
+@pytest.fixture(scope="module")
+def minimal_config(tiny_cli) -> Path:
+    """A config that names no model setting (the overlay then names only the tiny networks and the metrics)."""
+    path = tiny_cli.work / "minimal.yaml"
+    path.write_text("seed_everything: 0\n")
+    return path
+
+
+def test_a_setting_taken_from_the_checkpoint_leaves_the_other_settings_alone(tiny_cli, quickstart_ckpt,
+                                                                            minimal_config):
+    """A checkpoint trained with another sampler: validate with a config that does not name the sampler takes the
+    checkpoint's, and keeps every setting the configs name (here the overlay's val_lpips null and val_rfid false, not
+    the system's defaults "lpips" and true, whose weights are not on this machine)."""
     checkpoint = torch.load(quickstart_ckpt, weights_only=True)
     checkpoint["hyper_parameters"]["sampler"] = {"method": "one_step"}
     torch.save(checkpoint, ckpt := tiny_cli.work / "runs/quickstart/checkpoints/one_step_sampler.ckpt")
-    assert tiny_cli("validate", "taken_sampler", "--ckpt_path", str(ckpt)) == 0
+    assert tiny_cli("validate", "taken_sampler", "--ckpt_path", str(ckpt), config=minimal_config) == 0
     (report,) = Path("runs/taken_sampler").rglob("validate_metrics.json")
     metrics = json.loads(report.read_text())
     assert metrics["sampler"]["method"] == "one_step" and metrics["nfe"] == 1.0
     assert "lpips" not in metrics and "rfid" not in metrics
+
+
+def test_ckpt_path_gives_what_was_given_even_at_its_default_and_restores_the_rest(tiny_cli, quickstart_ckpt,
+                                                                                  minimal_config, caplog):
+    """The quick-start trained with val_rfid false (the overlay) and EqM noise_power 0.5 (quickstart.yaml).
+    `--ckpt_path` with `--model.val_rfid true`, the class default, keeps it (validation would score rFID); with a
+    config that does not name the corruption, the training-level noise_power comes from the checkpoint (not the
+    default 1.0), and one line says what was restored. (A fit to the step the checkpoint is at: the resolved run,
+    config.yaml, and no step.)"""
+    with caplog.at_level(logging.INFO):
+        assert tiny_cli("fit", "given_default", "--ckpt_path", str(quickstart_ckpt), "--trainer.max_steps", "2",
+                        "--model.val_rfid", "true", config=minimal_config) == 0
+    (saved,) = Path("runs/given_default").rglob("config.yaml")
+    model = yaml.safe_load(saved.read_text())["model"]["init_args"]
+    assert model["val_rfid"] is True and model["lr"] == 5e-4  # given; from the checkpoint
+    assert model["corruption"]["init_args"]["noise_power"] == 0.5 and model["sampler"]["anchor"] == 3
+    (line,) = [r.getMessage() for r in caplog.records if "from the checkpoint (not given)" in r.getMessage()]
+    assert "corruption.noise_power 0.5" in line and "lr 0.0005" in line and "val_rfid" not in line
+
+
+def test_fit_with_ckpt_path_last_trains_at_a_learning_rate_given_at_its_default(tiny_cli, quickstart_ckpt,
+                                                                                minimal_config, caplog):
+    """Trained at lr 5e-4 and noise_power 0.5 (quickstart.yaml); resumed with `--ckpt_path last`, a config that does
+    not name them and --model.lr 1e-4 (the class default): the optimiser steps at 1e-4 on the checkpoint's warm-up
+    (100 steps: step 4 at 4/100 of it), the training levels stay at noise_power 0.5, and one line says what the
+    command line changed."""
+    (tiny_cli.work / "runs/lr_given/checkpoints").mkdir(parents=True)
+    shutil.copy(quickstart_ckpt, tiny_cli.last_ckpt("lr_given"))
+    with caplog.at_level(logging.INFO):
+        assert tiny_cli("fit", "lr_given", "--trainer.max_steps", "3", "--ckpt_path", "last", "--model.lr", "1e-4",
+                        config=minimal_config) == 0
+    end = torch.load(tiny_cli.last_ckpt("lr_given"), weights_only=True)
+    assert end["global_step"] == 3 and end["hyper_parameters"]["lr"] == 1e-4
+    assert end["hyper_parameters"]["corruption"]["init_args"]["noise_power"] == 0.5
+    assert end["lr_schedulers"][0]["base_lrs"] == [1e-4, 1e-4]
+    assert end["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-4 * 4 / 100)
+    assert any("given, replacing the checkpoint's: lr 0.0001 (checkpoint: 0.0005)" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_resume_settings_given_or_not_come_from_the_parser_not_from_their_values():
+    """reconcile_with_checkpoint, the rule itself: a setting given (named by a config or the command line, whatever
+    its value) keeps the parsed value; the corruption's arguments and the loss weights count one by one; the rest is
+    the checkpoint's; a network setting given with another value is refused; the notes name both kinds."""
+    from dcssdae.autoencoder import corruption_config
+    from dcssdae.cli import reconcile_with_checkpoint
+    from dcssdae.losses import LossWeights
+    from dcssdae.objectives import EquilibriumMatching, FlowMatching
+
+    saved = {"_class_path": "dcssdae.system.DCSSDAESystem", "lr": 5e-4, "val_rfid": False, "val_seed": 3,
+             "sampler": {"method": "one_step"}, "weight_decay": 0.01,
+             "corruption": corruption_config(EquilibriumMatching(noise_power=0.5, uniform_fraction=0.2)),
+             "loss_weights": {"eqm": 1.0, "lpips": 0.5, "stlpips": 0.0, "repa": 0.25, "kl": 1e-6}}
+    parsed = {"lr": 1e-4, "val_rfid": True, "val_seed": 0, "sampler": None, "weight_decay": 0.0,
+              "corruption": corruption_config(EquilibriumMatching(noise_power=0.7)),
+              "loss_weights": {"eqm": 1.0, "lpips": 0.0, "stlpips": 0.0, "repa": 0.0, "kl": 1e-6}}
+    typed = {"init_args": {"lr": 1e-4, "val_rfid": True, "corruption": {
+        "class_path": "dcssdae.objectives.EquilibriumMatching", "init_args": {"noise_power": 0.7}},
+        "loss_weights": {"repa": 0.0}}}
+    class_path, settings, notes = reconcile_with_checkpoint("dcssdae.system.DCSSDAESystem", parsed, saved, "CK",
+                                                            typed=typed)
+    assert class_path == "dcssdae.system.DCSSDAESystem"
+    assert settings["lr"] == 1e-4 and settings["val_rfid"] is True  # given at the class default: still given
+    assert settings["val_seed"] == 3 and settings["sampler"] == {"method": "one_step"} and settings["weight_decay"] == 0.01
+    assert settings["corruption"]["init_args"]["noise_power"] == 0.7  # given
+    assert settings["corruption"]["init_args"]["uniform_fraction"] == 0.2  # not given: the checkpoint's
+    assert LossWeights(**settings["loss_weights"]) == LossWeights(**{**saved["loss_weights"], "repa": 0.0})
+    restored, replaced = notes
+    assert restored == ("--ckpt_path CK: from the checkpoint (not given): val_seed 3, sampler {'method': 'one_step'}, "
+                        "weight_decay 0.01, corruption.uniform_fraction 0.2, loss_weights.lpips 0.5")
+    assert replaced == ("--ckpt_path CK: given, replacing the checkpoint's: lr 0.0001 (checkpoint: 0.0005), val_rfid "
+                        "True (checkpoint: False), corruption.noise_power 0.7 (checkpoint: 0.5), loss_weights.repa 0.0 "
+                        "(checkpoint: 0.25)")
+    # nothing given: all the checkpoint's, the class included
+    _, settings, _ = reconcile_with_checkpoint("dcssdae.system.DCSSDAESystem", parsed, {
+        **saved, "_class_path": "dcssdae.distill.DistillSystem", "teacher_steps": 4}, "CK", typed={})
+    assert settings["teacher_steps"] == 4 and settings["corruption"] == saved["corruption"]
+    assert LossWeights(**settings["loss_weights"]).repa == 0.25
+    # flow matching's training levels: the checkpoint's logit_mean under a given logit_std
+    fm_saved = {**saved, "corruption": corruption_config(FlowMatching(logit_mean=0.5, logit_std=1.5))}
+    _, settings, _ = reconcile_with_checkpoint("dcssdae.system.DCSSDAESystem", parsed, fm_saved, "CK", typed={
+        "init_args": {"corruption": {"init_args": {"logit_std": 2.0}}}})
+    assert settings["corruption"] == corruption_config(FlowMatching(logit_mean=0.5, logit_std=2.0))
+    # a network setting given with another value; another class given
+    with pytest.raises(ValueError, match="model.corruption is .* in the checkpoint but .*'decay': 'truncated'"):
+        reconcile_with_checkpoint("dcssdae.system.DCSSDAESystem", parsed, saved, "CK", typed={"init_args": {
+            "corruption": {"init_args": {"decay": "truncated"}}}})
+    with pytest.raises(ValueError, match="the checkpoint holds a dcssdae.distill.DistillSystem"):
+        reconcile_with_checkpoint("dcssdae.system.DCSSDAESystem", parsed, {
+            **saved, "_class_path": "dcssdae.distill.DistillSystem"}, "CK", typed={
+            "class_path": "dcssdae.system.DCSSDAESystem"})
 
 
 def test_ckpt_path_with_another_architecture_is_one_clear_error(tiny_cli, quickstart_ckpt, capsys):
