@@ -468,7 +468,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--size and --batch-size must be positive, got {args.size} and {args.batch_size}")
         urls = resolve_shards(args.shards)
         names = output_names(urls)
+        started_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         rank, world, communicate = rank_and_world()
+        started_group = started_group and communicate
         device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available()
                                  else "cpu")
         model = load_model(args.model, device)
@@ -482,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                                 args.precision, args.workers, rank, world, args.model, not args.no_progress)
         settings = settings_of(args.size, args.flip, args.dtype, args.precision)
         records = gather_records(records, out, urls, settings, args.model, communicate)
+        if started_group:
+            torch.distributed.destroy_process_group()
         if communicate and rank != 0:
             return 0
         info = {**settings, "model": str(args.model), "shards": args.shards, "preprocessing": PREPROCESSING,
