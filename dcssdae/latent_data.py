@@ -40,6 +40,7 @@ from dcssdae.datasets import (
     _shuffled,
     _worker,
     expand_urls,
+    manifest_classes,
     read_shard,
     shard_counts,
     split_assignment,
@@ -276,6 +277,7 @@ class LatentDataModule(L.LightningDataModule):
         self.train_epoch_size, self.seed = train_epoch_size, seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.skipped_samples = {"train": 0, "val": 0}
+        self.classes: list[str] | None = None
         self.train_position = (0, 0)  # (epoch, batch) just after the last training batch handed to the model
         self.resume_position: tuple[int, int] | None = None
 
@@ -283,6 +285,7 @@ class LatentDataModule(L.LightningDataModule):
         self.train_urls = latent_urls(self.train_shards)
         self.val_urls = latent_urls(self.val_shards) if self.val_shards is not None else []
         self.stats = read_stats(self.train_urls, self.stats_path)
+        self.classes = manifest_classes(self.train_urls)  # class names of the source images, if recorded
         self.scaling = LatentScaling.from_stats(self.stats, self.normalize, self.scaling_factor, self.shift_factor)
 
     @property

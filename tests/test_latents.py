@@ -292,3 +292,23 @@ def test_datamodule_errors(tmp_path, latents):
         LatentDataModule(str(latents / "img-000000.tar"), stats=str(tmp_path / "none.json")).setup("fit")
     with pytest.raises(ValueError, match="normalize must be one of"):
         LatentDataModule(str(latents), normalize="per-channel")
+
+
+# ------------------------------------------------------------------------------------------------
+# The example: a DiT trained on the latents, its samples decoded
+
+
+def test_example_trains_a_dit_and_decodes_its_samples(setup, latents, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_latent_dit.py"
+    spec = importlib.util.spec_from_file_location("train_latent_dit", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "dit.png"
+    summary = example.main(["--model", str(setup[0]), "--latents", str(latents), "--out", str(out), "--steps", "3",
+                            "--batch-size", "4", "--width", "32", "--depth", "1", "--heads", "2", "--samples", "2",
+                            "--sample-steps", "2", "--decode-steps", "1", "--workers", "0"])
+    assert summary["steps"] == 3 and np.isfinite(summary["final_loss"])
+    assert Image.open(out).size == (2 * SIZE + 3 * 2, 2 * SIZE + 3 * 2)  # references over samples, 2 px padding
