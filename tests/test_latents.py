@@ -312,3 +312,19 @@ def test_example_trains_a_dit_and_decodes_its_samples(setup, latents, tmp_path):
                             "--sample-steps", "2", "--decode-steps", "1", "--workers", "0"])
     assert summary["steps"] == 3 and np.isfinite(summary["final_loss"])
     assert Image.open(out).size == (2 * SIZE + 3 * 2, 2 * SIZE + 3 * 2)  # references over samples, 2 px padding
+
+
+def test_encode_benchmark_compares_the_same_weights(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_encode.py"
+    spec = importlib.util.spec_from_file_location("bench_encode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--encoder", "tiny-f32c8", "--images", "4", "--size", "32", "--batch-size", "2",
+                         "--workers", "0", "--rounds", "1", "--json", str(tmp_path / "bench.json")])
+    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(result))
+    assert result["max_abs_diff"] < 1e-4  # diffusers' weights, converted: the same latents
+    assert set(result["images_per_s"]) == {"dcssdae_latents", "diffusers_network", "dcssdae_network"}
+    assert result["ratio"] > 0 and result["network_ratio"] > 0
