@@ -162,9 +162,11 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 class LatentShardWriter:
-    """An output shard being written: a temporary file (`atomic_file`) holding a tar, renamed by `close()`."""
+    """An output shard being written: a temporary file (`atomic_file`) holding a tar; `close()` renames it into
+    place and returns the shard's record."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, source: str, fingerprint_: str):
+        self.path, self.source, self.fingerprint = path, source, fingerprint_
         self.stack = contextlib.ExitStack()
         file = self.stack.enter_context(atomic_file(path, "wb"))
         tar = tarfile.open(fileobj=file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 (closed by the stack)
@@ -177,8 +179,11 @@ class LatentShardWriter:
             _add(self.tar, f"{key}.{name}.npy", npy_bytes(array))
         self.count, self.latent_shape = self.count + 1, list(arrays["mean"].shape)
 
-    def close(self) -> None:
+    def close(self) -> dict:
         self.stack.close()
+        return {"format": FORMAT, "name": self.path.name, "source": self.source, "fingerprint": self.fingerprint,
+                "count": self.count, "skipped": self.skipped, "latent_shape": self.latent_shape,
+                "moments": self.moments}
 
     def abort(self) -> None:
         """Remove the temporary file (the shard's previous version, if any, stays)."""
@@ -279,36 +284,30 @@ def encode_shards(
     try:
         for batch in loader:
             index = batch["shard"]
-            url, fp = by_index[index]
             if index not in writers:
-                writers[index] = LatentShardWriter(out / names[index])
+                writers[index] = LatentShardWriter(out / names[index], *by_index[index])
             writer = writers[index]
             for bad in batch["bad"]:
-                report(url, bad["key"], bad["reason"])
+                report(writer.source, bad["key"], bad["reason"])
                 writer.skipped.append(bad)
             if batch["image"] is not None:
                 x = batch["image"].to(device, non_blocking=True)
                 n = x.shape[0]
                 with autocast:
-                    posterior = model.posterior(torch.cat([x, x.flip(-1)]) if flip else x)
+                    posterior = model.posterior(torch.cat([x, x.flip(-1)]) if flip else x)  # (B or 2B, C, h, w)
                 mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()
-                writer.moments = merge_moments(writer.moments, channel_moments(mean[:n]))
+                writer.moments = merge_moments(writer.moments, channel_moments(mean[:n]))  # of the images as given
                 mean, std = mean.numpy().astype(store), std.numpy().astype(store)
                 for i, (key, label) in enumerate(zip(batch["key"], batch["label"].tolist())):
                     arrays = {"mean": mean[i], "std": std[i]}
                     if flip:
                         arrays.update(mean_flip=mean[n + i], std_flip=std[n + i])
                     writer.add(key, label, arrays)
-                bar.update(n)
-            bar.update(len(batch["bad"]))
+            bar.update(len(batch["key"]) + len(batch["bad"]))
             if batch["last"]:
-                writers.pop(index).close()
-                record = {"format": FORMAT, "name": names[index], "source": url, "fingerprint": fp,
-                          "count": writer.count, "skipped": writer.skipped,
-                          "latent_shape": writer.latent_shape,
-                          "moments": writer.moments}
-                write_json(record, out / "parts" / f"{names[index]}.json")
-                records[names[index]] = record
+                record = writers.pop(index).close()
+                write_json(record, out / "parts" / f"{record['name']}.json")
+                records[record["name"]] = record
     finally:
         for writer in writers.values():  # interrupted: no partial shard is left, earlier ones stay
             writer.abort()
