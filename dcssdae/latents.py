@@ -445,13 +445,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", required=True, help="image shards: a brace pattern, a '::'-joined list, or "
                         "'default' / 'default:<split>' (the default photos)")
     parser.add_argument("--out", required=True, help="output folder for the latent shards, manifest.json, stats.json")
-    parser.add_argument("--size", type=int, default=256, help="image side after the validation resize + crop")
+    parser.add_argument("--size", type=int, default=256,
+                        help="image side after the validation resize + crop (default 256)")
     parser.add_argument("--flip", action="store_true", help="also store the latents of the mirrored image "
                         "(mean_flip.npy, std_flip.npy)")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="of the stored arrays")
     parser.add_argument("--shift", action="store_true",
                         help="shift_factor = mean of the latents (SD3/FLUX convention; default 0 as DC-AE and SD)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default 64)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="bf16 / fp16: autocast on CUDA (the stored arrays are --dtype either way)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
