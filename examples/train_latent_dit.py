@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
 
     dm = LatentDataModule(args.latents, args.latents, batch_size=args.batch_size, num_workers=args.workers,
-                          seed=args.seed, pin_memory=False)
+                          train_epoch_size=args.steps * args.batch_size, seed=args.seed, pin_memory=False)
     dm.setup("fit")
     classes = max(1, len(dm.classes or []))  # the default photos have none: one class, 0
     dit = build_dit(dm.latent_shape, args.width, args.depth, args.heads, args.patch, classes)
@@ -97,20 +97,19 @@ def main(argv: list[str] | None = None) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     dit.train()
     step, start, losses = 0, time.perf_counter(), []
-    while step < args.steps:  # LatentDataModule epochs are fixed numbers of batches of an endless stream
-        for batch in dm.train_dataloader():
-            labels = batch["label"].clamp(min=0)  # unlabelled photos (-1): class 0
-            loss = flow_matching_loss(dit, batch["latent"], labels, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-            optimizer.step()
-            losses.append(loss.item())
-            step += 1
-            if step % 50 == 0 or step == args.steps:
-                print(f"step {step}: loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
-            if step == args.steps:
-                break
+    for batch in dm.train_dataloader():  # one epoch of `steps` batches (an endless stream of posterior draws)
+        labels = batch["label"].clamp(min=0)  # unlabelled photos (-1): class 0
+        loss = flow_matching_loss(dit, batch["latent"], labels, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        step += 1
+        if step % 50 == 0 or step == args.steps:
+            print(f"step {step}: loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if step == args.steps:  # (the epoch is rounded up to a multiple of the workers)
+            break
     train_seconds = time.perf_counter() - start
 
     dit.eval()
