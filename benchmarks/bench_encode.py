@@ -11,7 +11,7 @@ are written as image shards, then, in interleaved rounds, images/s of:
 `ratio` = `dcssdae latents` / diffusers (>= 1: the whole loop is as fast as diffusers' network alone);
 `network_ratio` = dcssdae network / diffusers network.
 
-    python benchmarks/bench_encode.py --images 16 --size 256 --batch-size 8 --json docs/bench/encode_cpu.json
+    python benchmarks/bench_encode.py --images 8 --batch-size 8 --threads 1 --json docs/bench/encode_cpu_256.json
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     best = {name: max(values) for name, values in runs.items()}
     result = {
         "commit": git_commit(),
+        "config": f"none (random weights, the same in both: encoder {args.encoder}; decoder unused)",
         "command": "python benchmarks/bench_encode.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {**{k: v for k, v in vars(args).items() if k != "json"}, "torch": torch.__version__,
                      "threads": torch.get_num_threads(), "device_name": torch.cuda.get_device_name(device)
