@@ -24,6 +24,7 @@ bench:
 	$(PY) benchmarks/bench_networks.py
 	$(PY) benchmarks/bench_samplers.py
 	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/bench_encode.py
 	$(PY) benchmarks/bench_checkpointing.py
 
 bench-quality:   # EqM vs FM at equal budget on the default photos (~30 min on 2 cores); PNGs in runs/bench_quality

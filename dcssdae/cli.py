@@ -31,6 +31,7 @@ TOOLS = {
     "export": ("dcssdae.export", "export EMA weights of a checkpoint to safetensors + config"),
     "reconstruct": ("dcssdae.reconstruct", "encode and decode image files, write the reconstructions"),
     "latent-stats": ("dcssdae.latent_stats", "measure the latent scaling factor on data and store it with an export"),
+    "latents": ("dcssdae.latents", "encode image shards once into latent shards (+ stats.json) for latent diffusion"),
 }
 
 

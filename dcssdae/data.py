@@ -41,6 +41,7 @@ from dcssdae.images import (  # noqa: F401 (re-exported: decoding and transforms
     train_transform,
     val_transform,
 )
+from dcssdae.latent_data import LatentDataModule, LatentScaling  # noqa: F401 (re-exported: latent shards)
 
 log = logging.getLogger(__name__)
 
