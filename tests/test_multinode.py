@@ -55,7 +55,8 @@ def _two_nodes(tiny_cli, name: str, *extra: str) -> list[subprocess.CompletedPro
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id,
                "--local-addr", "127.0.0.1", "--max-restarts", "0", "-m", "dcssdae.cli",
                *tiny_cli.args("fit", name, "--trainer.num_nodes", "2", "--trainer.devices", "1",
-                              "--trainer.strategy", "ddp", "--config", json.dumps(record), *extra)]
+                              "--trainer.strategy", "ddp", "--data.train_epoch_size", "8",
+                              "--trainer.limit_val_batches", "0", "--config", json.dumps(record), *extra)]
     path = os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen(command, cwd=tiny_cli.work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
