@@ -75,34 +75,42 @@ def standin_env(folder: Path) -> dict[str, str]:
 
 
 
-def write_imagenet_folders(root: Path, classes: int = 4, train_crops: int = 3, val_crops: int = 1,
-                           seed: int = 0) -> dict[str, int]:
-    """root/{train,val}/<wnid>/*.JPEG: `train_crops` random crops of each training photo, `val_crops` of each held-out
-    photo (never in train), the photos dealt round-robin to `classes` made-up wnids. Crops keep the photo's own
-    resolution (60-100% of its short side, aspect 3:4 to 4:3), JPEG quality 90. Returns {split: images}."""
+def held_out_split() -> str:
+    """The default photos' split of held-out photos (never in a training shard): "dev", or "val" before it."""
+    from dcssdae.photos import SPLITS
+
+    return "dev" if "dev" in SPLITS else "val"
+
+
+def write_imagenet_folders(root: Path, classes: int = 4, train_photos: int = 14, train_crops: int = 3,
+                           val_crops: int = 1, seed: int = 0) -> dict[str, int]:
+    """root/{train,val}/<wnid>/*.JPEG: `train_crops` random crops of each of the first `train_photos` default training
+    photos, `val_crops` of each held-out photo, the photos dealt round-robin to `classes` made-up wnids. Crops keep
+    the photo's resolution (60-100% of its short side, aspect 3:4 to 4:3), JPEG quality 90. Returns {split: images}."""
     from PIL import Image
 
-    from dcssdae.photos import HELD_OUT, PHOTOS, photo_file
+    from dcssdae.photos import photo_items
 
+    held_out = held_out_split()
+    items = photo_items(("train", held_out))
     rng = random.Random(seed)
     wnids = [f"n{90000000 + i:08d}" for i in range(classes)]
     counts = {"train": 0, "val": 0}
-    for split, keys, crops in (("train", [k for k in PHOTOS if k not in HELD_OUT], train_crops),
-                               ("val", list(HELD_OUT), val_crops)):
-        for i, key in enumerate(keys):
-            photo = Image.open(photo_file(key)).convert("RGB")
+    for split, photos, crops in (("train", items["train"][:train_photos], train_crops),
+                                 ("val", items[held_out], val_crops)):
+        for i, item in enumerate(photos):
+            photo = Image.open(io.BytesIO(item.data)).convert("RGB")
             folder = root / split / wnids[i % classes]
             folder.mkdir(parents=True, exist_ok=True)
             for c in range(crops):
-                short = min(photo.size)
-                side = rng.uniform(0.6, 1.0) * short
+                side = rng.uniform(0.6, 1.0) * min(photo.size)
                 aspect = rng.uniform(3 / 4, 4 / 3)
                 w, h = min(photo.width, side * aspect ** 0.5), min(photo.height, side / aspect ** 0.5)
                 left, top = rng.uniform(0, photo.width - w), rng.uniform(0, photo.height - h)
                 crop = photo.crop((round(left), round(top), round(left + w), round(top + h)))
                 buf = io.BytesIO()
                 crop.save(buf, "JPEG", quality=90)
-                (folder / f"{key}_{c}.JPEG").write_bytes(buf.getvalue())
+                (folder / f"{item.key}_{c}.JPEG").write_bytes(buf.getvalue())
                 counts[split] += 1
     return counts
 
@@ -248,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="bf16-mixed", help="trainer precision (default bf16-mixed, the configs')")
     parser.add_argument("--val-images", type=int, default=6, help="held-out crops validated (default 6, all)")
     parser.add_argument("--overlay", help="a config given after each recipe config (tests: tiny networks)")
+    parser.add_argument("--start-at", choices=[*PHASES, "export", "validate", "latent_stats"],
+                        help="skip the steps before this one (their outputs under --out must exist)")
     args = parser.parse_args(argv)
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -264,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         run = Runner(out, env)
         run("standin_weights", [sys.executable, "-m", "benchmarks.rehearsal_probe", "standins", weights])
         train, val = write_data(out, run)
-        for name, command in commands(out, train, val, args):
+        steps = commands(out, train, val, args)
+        names = [name for name, _ in steps]
+        for name, command in steps[names.index(args.start_at) if args.start_at else 0:]:
             if name in PHASES:
                 shutil.rmtree(out / name, ignore_errors=True)
             run(name, command)
@@ -342,18 +354,23 @@ def _init_summary(report: dict | None) -> dict | None:
 
 
 def format_report(report: dict) -> str:
-    lines = [(f"| phase | params | trainable | px | batch/GPU | GFLOP/img (fwd+bwd) | CPU peak MiB (batch "
-              f"{report['rehearsal']['batch']}) | projected GiB/GPU | H100 s/step @{UTILISATION:.0%} | recipe h |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """The per-phase figures as a Markdown table (the one in docs/training.md)."""
+    lines = [(f"| phase | parameters (trained) | px | images per GPU | GFLOP per image, fwd + bwd | CPU peak at batch "
+             f"{report['rehearsal']['batch']}, MiB | saved activations per image, MiB | projected GiB per GPU "
+             f"(budget) | H100 s per step at {UTILISATION:.0%} ({MEASURED_UTILISATION:.1%}) | steps | hours at "
+             f"{UTILISATION:.0%} ({MEASURED_UTILISATION:.1%}) |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for phase in (*PHASES, "phase1_24gb"):
         e = report.get(phase)
         if not e:
             continue
         batch = f"{e['batch_size']}" + (f" x {e['accumulate_grad_batches']}" if e["accumulate_grad_batches"] > 1 else "")
-        lines.append(f"| {phase} | {e['params'] / 1e6:.1f} M | {e['trainable_params'] / 1e6:.2f} M | {e['image_size']} | "
-                     f"{batch} | {e['flops_per_image'] / 1e9:.0f} | {e['peak_memory_mib']} | "
-                     f"{e['projected_gpu_memory_gib']} / {e['gpu_memory_budget_gib']:.0f} | "
-                     f"{e['projected_h100_step_s']} | {e['projected_recipe_hours']} |")
+        lines.append(
+            f"| {phase} | {e['params'] / 1e6:.1f} M ({e['trainable_params'] / 1e6:.1f} M) | {e['image_size']} | {batch} | "
+            f"{e['flops_per_image'] / 1e9:,.0f} | {e['peak_memory_mib']:,.0f} | {e['saved_activations_mib_per_image']:,.0f} | "
+            f"{e['projected_gpu_memory_gib']:.1f} ({e['gpu_memory_budget_gib']:.0f}) | {e['projected_h100_step_s']:.2f} "
+            f"({e['projected_h100_step_s_at_measured_utilisation']:.2f}) | {e['max_steps']:,} | "
+            f"{e['projected_recipe_hours']:.1f} ({e['projected_recipe_hours_at_measured_utilisation']:.1f}) |")
     return "\n".join(lines)
 
 

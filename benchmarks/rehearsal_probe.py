@@ -7,6 +7,22 @@ loss and metric networks, written where their loaders look.
     python -m benchmarks.rehearsal_probe standins FOLDER        # prints the environment that points at FOLDER
 
 Run from the repository root (the command line names the callback by its module path).
+
+What StepProbe measures, written to <run folder>/rehearsal_probe.json after every training step:
+  * flops_per_image: torch.utils.flop_counter.FlopCounterMode over the first step's forward and backward (matmuls,
+    convolutions, attention; the frozen LPIPS / DINOv2 / teacher passes included, the optimiser update not), divided
+    by the batch.
+  * saved activations: every tensor autograd saves for backward during the first step's forward
+    (saved_tensors_hooks), counted once per storage in its own dtype. A tensor with the shape of a parameter (a
+    weight, or its bf16 copy under autocast) is counted per step (`saved_per_step_bytes`), every other one per
+    image (`saved_per_image_bytes`, divided by the batch).
+  * peak_rss_delta_bytes: the process's peak resident set size over the steps so far (VmHWM, reset through
+    /proc/self/clear_refs before the first step) minus its RSS before the first step: gradients, AdamW moments,
+    activations and working memory at the run's batch, on the CPU.
+  * memory_bytes: what the run keeps between steps (`memory_inventory`), and init_from's report (tensors loaded,
+    missing, unexpected).
+Every step runs under `CudaAutocastPolicy`, so that under bf16-mixed the saved activations have the dtypes a CUDA run
+gives them.
 """
 
 from __future__ import annotations
@@ -152,9 +168,8 @@ class CudaAutocastPolicy(torch.overrides.TorchFunctionMode):
 
 class StepProbe(pl.Callback):
     """Measures a run's training steps from inside it (see the module docstring) and writes
-    <default_root_dir>/rehearsal_probe.json after each step: FLOPs and saved activations of the first step, peak RSS
-    over all steps. Runs every step under `CudaAutocastPolicy`; otherwise it only observes. Added to a run with
-    `--trainer.callbacks+=benchmarks.rehearsal.StepProbe` (from the repository root)."""
+    <default_root_dir>/rehearsal_probe.json after each step. Runs every step under `CudaAutocastPolicy`; otherwise it
+    only observes. Added to a run with `--trainer.callbacks+=benchmarks.rehearsal_probe.StepProbe`."""
 
     def __init__(self) -> None:
         self.steps, self.flops, self.saved, self.policy = [], None, None, None
@@ -208,6 +223,8 @@ class StepProbe(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.policy.__exit__(None, None, None)
+        self.on_before_backward(trainer, pl_module, None)  # (a step with no backward or no optimiser step)
+        self.on_before_optimizer_step(trainer, pl_module, None)
         self.steps.append({"seconds": round(time.perf_counter() - self.t0, 2),
                            "peak_rss_delta_bytes": _peak_rss_bytes() - self.rss0 if self.reset_ok else None})
         result = {

@@ -25,21 +25,23 @@ from benchmarks import rehearsal, rehearsal_probe
 
 
 def test_imagenet_layout_from_the_default_photos_becomes_shards(tmp_path):
-    from dcssdae.photos import HELD_OUT
+    from dcssdae.photos import photo_items
     from dcssdae.shards import main as shards
 
-    counts = rehearsal.write_imagenet_folders(tmp_path / "src", classes=3, train_crops=1, val_crops=1)
-    assert counts == {"train": 14, "val": 6}
+    held_out = {item.key for item in photo_items((rehearsal.held_out_split(),))[rehearsal.held_out_split()]}
+    counts = rehearsal.write_imagenet_folders(tmp_path / "src", classes=3, train_photos=4, train_crops=2)
+    assert counts == {"train": 8, "val": len(held_out)}
     for split in ("train", "val"):
         folders = sorted(p.name for p in (tmp_path / "src" / split).iterdir())
         assert folders == ["n90000000", "n90000001", "n90000002"]  # class folders, as ImageNet's wnids
     train = {p.stem.rsplit("_", 1)[0] for p in (tmp_path / "src" / "train").rglob("*.JPEG")}
-    assert not train & set(HELD_OUT)
+    assert len(train) == 4 and not train & held_out
     assert shards([str(tmp_path / "src" / "train"), str(tmp_path / "train"), "--workers", "1", "--no-progress"]) == 0
     assert shards([str(tmp_path / "src" / "val"), str(tmp_path / "val"), "--classes",
                    str(tmp_path / "train" / "manifest.json"), "--workers", "1", "--no-progress"]) == 0
     manifests = [json.loads((tmp_path / s / "manifest.json").read_text()) for s in ("train", "val")]
-    assert [m["total"] for m in manifests] == [14, 6] and manifests[0]["classes"] == manifests[1]["classes"]
+    assert [m["total"] for m in manifests] == [8, len(held_out)]
+    assert manifests[0]["classes"] == manifests[1]["classes"]
 
 
 def test_standin_weights_are_found_by_the_real_loaders(tmp_path):
@@ -83,14 +85,14 @@ def test_cuda_autocast_policy_keeps_norms_in_fp32_under_cpu_autocast():
 def _probe(tiny_cli, name: str, batch: int, steps: int) -> dict:
     assert tiny_cli("fit", name, "--data.batch_size", str(batch), "--trainer.precision", "bf16-mixed",
                     "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
-                    f"--trainer.callbacks+={rehearsal.PROBE}", config="phase1.yaml") == 0
+                    f"--trainer.callbacks+={rehearsal.PROBE}") == 0
     return json.loads((tiny_cli.work / "runs" / name / rehearsal.PROBE_FILE).read_text())
 
 
 def test_probe_measures_a_real_run_per_image(tiny_cli):
-    """The phase-1 recipe (tiny networks) at batches 1 and 2: FLOPs and saved activations per image agree, what
-    does not grow with the batch (weights, their bf16 copies) is counted per step, and the memory inventory matches
-    the model."""
+    """The quick-start (tiny networks) at batches 1 and 2: FLOPs and saved activations per image agree, what does
+    not grow with the batch (weights, their bf16 copies) is counted per step, and the memory inventory matches the
+    model."""
     one, two = _probe(tiny_cli, "probe1", 1, steps=2), _probe(tiny_cli, "probe2", 2, steps=1)
     assert one["batch"] == 1 and two["batch"] == 2 and len(one["steps"]) == 2  # every step recorded
     assert two["flops_per_image"] == pytest.approx(one["flops_per_image"], rel=0.02) and one["flops_per_image"] > 0
@@ -98,7 +100,7 @@ def test_probe_measures_a_real_run_per_image(tiny_cli):
     assert one["saved_per_step_bytes"] > 0 and one["peak_rss_delta_bytes"] > 0
     memory = one["memory_bytes"]
     assert memory["trained"] == 4 * one["trainable_params"]  # fp32 parameters: gradients and moments as large
-    assert memory["ema"] >= 4 * one["params"] and memory["frozen"] > 0  # LPIPS, the REPA encoder
+    assert memory["weights"] >= 4 * one["params"] and memory["ema"] >= 4 * one["params"]
     projected = rehearsal.project_memory(one, batch=24)
     assert projected["activations"] == 24 * one["saved_per_image_bytes"]
     assert projected["adamw_moments"] == 2 * memory["trained"] and projected["total"] == sum(
