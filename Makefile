@@ -26,6 +26,7 @@ bench:
 	$(PY) benchmarks/bench_networks.py
 	$(PY) benchmarks/bench_samplers.py
 	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/bench_checkpointing.py
 
 bench-quality:   # EqM vs FM at equal budget on the default photos (~30 min on 2 cores); PNGs in runs/bench_quality
 	$(PY) benchmarks/bench_quality.py train --steps 500 --evals 4 --out $(RUNS)/bench_quality
@@ -35,7 +36,7 @@ quickstart:
 	$(PY) -m dcssdae.cli fit --config configs/quickstart.yaml
 
 # The whole recipe on a CPU (~27 min on 2 idle cores): phase 1 = the quick-start, phase 2 at twice the resolution,
-# phase 3, one-step distillation, export; then every stage and bicubic scored on the held-out photos.
+# phase 3, one-step distillation, export; then every stage and bicubic scored on the dev photos.
 CPU_RUNS ?= $(RUNS)/cpu
 cpu-recipe:
 	$(PY) -m dcssdae.cli fit --config configs/quickstart.yaml --trainer.default_root_dir $(CPU_RUNS)/phase1
