@@ -155,8 +155,10 @@ def test_slurm_script_tasks_get_their_ranks_through_lightnings_slurm_environment
         monkeypatch.delenv(name, raising=False)
     for key, value in _job_env(nodes, tasks).items():
         monkeypatch.setenv(key, value)
-    arguments = [*command[2:4], "--config", str(ROOT / "tests" / "configs" / "cpu_tiny.yaml"), *command[4:8],
-                 "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]  # no GPU here; no ckpt_path
+    # the config by absolute path (the module's tiny_cli fixture may have moved the working directory); no GPU here,
+    # no ckpt_path
+    arguments = [command[2], str(ROOT / command[3]), "--config", str(ROOT / "tests" / "configs" / "cpu_tiny.yaml"),
+                 *command[4:8], "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
     for rank in (0, 9, nodes * tasks - 1):
         monkeypatch.setenv("SLURM_PROCID", str(rank))
         monkeypatch.setenv("SLURM_LOCALID", str(rank % tasks))
