@@ -65,7 +65,7 @@ distill:
 
 # The GPU recipe (phases 1-3, make distill, export, validate, latent statistics) at full network size and resolution,
 # a few steps each on the CPU, with random stand-ins for the LPIPS / DINOv2 weights: mechanics, memory and FLOPs per
-# phase, projected to the GPU batch, in $(RUNS)/rehearsal/report.json (~25 min on 2 idle cores; docs/training.md).
+# phase, projected to the GPU batch, in $(RUNS)/rehearsal/report.json (900 CPU seconds, 9.5 GiB; docs/training.md).
 rehearsal:
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) benchmarks/rehearsal.py --out $(RUNS)/rehearsal
 

@@ -59,7 +59,7 @@ MEASURED_UTILISATION = round(44 * 3.733e12 / H100_BF16_FLOPS, 3)
 GPUS_PER_NODE = 8
 PROBE_FILE = "rehearsal_probe.json"  # what StepProbe (benchmarks/rehearsal_probe.py) writes into each run folder
 PROBE = "benchmarks.rehearsal_probe.StepProbe"
-NEEDS_GIB = 9                       # peak resident memory of the largest phase at batch 1 (~7 GiB), with a margin
+NEEDS_GIB = 10                      # peak resident memory of the rehearsal (9.5 GiB, phase 2 at 512 px), rounded up
 BANNER = ("REHEARSAL: LPIPS-VGG, LPIPS-AlexNet and DINOv2 weights are RANDOM stand-ins; this measures mechanics, "
           "memory and FLOPs, NOT quality. Loss values and metrics below mean nothing.")
 
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="training steps per phase (default 2)")
     parser.add_argument("--batch", type=int, default=1, help="images per training step (default 1)")
     parser.add_argument("--precision", default="bf16-mixed", help="trainer precision (default bf16-mixed, the configs')")
-    parser.add_argument("--val-images", type=int, default=6, help="held-out crops validated (default 6, all)")
+    parser.add_argument("--val-images", type=int, default=6, help="validation batch and latent-stats images (default 6)")
     parser.add_argument("--overlay", help="a config given after each recipe config (tests: tiny networks)")
     parser.add_argument("--start-at", choices=[*PHASES, "export", "validate", "latent_stats"],
                         help="skip the steps before this one (their outputs under --out must exist)")

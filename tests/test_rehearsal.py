@@ -1,7 +1,7 @@
 """benchmarks/rehearsal.py (`make rehearsal`) and benchmarks/rehearsal_probe.py: the ImageNet-layout data, the command
 lines (each recipe config with only data, batch, steps, precision and hardware overridden), the stand-in weights in
 the real caches, the probe that measures FLOPs and activations inside a real run, the CUDA autocast policy and the
-GPU projection. The full-size rehearsal itself takes ~30 minutes and is not run here."""
+GPU projection. The full-size rehearsal itself (900 CPU seconds) is not run here."""
 
 from __future__ import annotations
 
