@@ -89,10 +89,11 @@ def _probe(tiny_cli, name: str, batch: int, steps: int) -> dict:
     return json.loads((tiny_cli.work / "runs" / name / rehearsal.PROBE_FILE).read_text())
 
 
+@pytest.mark.slow
 def test_probe_measures_a_real_run_per_image(tiny_cli):
-    """The quick-start (tiny networks) at batches 1 and 2: FLOPs and saved activations per image agree, what does
-    not grow with the batch (weights, their bf16 copies) is counted per step, and the memory inventory matches the
-    model."""
+    """~20-40 s on 2 cores. The quick-start (tiny networks) at batches 1 and 2: FLOPs and saved activations per image
+    agree, what does not grow with the batch (weights, their bf16 copies) is counted per step, and the memory
+    inventory matches the model."""
     one, two = _probe(tiny_cli, "probe1", 1, steps=2), _probe(tiny_cli, "probe2", 2, steps=1)
     assert one["batch"] == 1 and two["batch"] == 2 and len(one["steps"]) == 2  # every step recorded
     assert two["flops_per_image"] == pytest.approx(one["flops_per_image"], rel=0.02) and one["flops_per_image"] > 0
