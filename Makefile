@@ -6,8 +6,10 @@ export WANDB_MODE ?= offline
 # Runs of the training recipes (override on the command line, e.g. make distill PHASE3_CKPT=...).
 RUNS        ?= runs
 PHASE3_CKPT ?= $(RUNS)/phase3/checkpoints/last.ckpt
+# more `dcssdae fit` arguments for make distill, e.g. ARGS="--trainer.max_steps 100"
+ARGS        ?=
 
-.PHONY: install test test-fast bench bench-quality quickstart cpu-recipe distill lint clean
+.PHONY: install test test-fast bench bench-quality quickstart cpu-recipe distill rehearsal lint clean
 
 install:
 	python3 -m venv .venv && .venv/bin/pip install -q --no-cache-dir -e '.[dev]'
@@ -60,7 +62,13 @@ cpu-recipe:
 		--model "undistilled, 1 step=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@1"
 
 distill:
-	$(PY) -m dcssdae.cli fit --config configs/distill.yaml --model.init_from $(PHASE3_CKPT)
+	$(PY) -m dcssdae.cli fit --config configs/distill.yaml --model.init_from $(PHASE3_CKPT) $(ARGS)
+
+# The GPU recipe (phases 1-3, make distill, export, validate, latent statistics) at full network size and resolution,
+# a few steps each on the CPU, with random stand-ins for the LPIPS / DINOv2 weights: mechanics, memory and FLOPs per
+# phase, projected to the GPU batch, in $(RUNS)/rehearsal/report.json (900 CPU seconds, 9.5 GiB; docs/training.md).
+rehearsal:
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) benchmarks/rehearsal.py --out $(RUNS)/rehearsal
 
 lint:
 	$(PY) -m ruff check dcssdae tests benchmarks
