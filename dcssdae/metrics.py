@@ -16,8 +16,9 @@ metrics are computed on the quantised values (as [0, 1] floats or uint8):
   all values of all images (what torcheval/torchmetrics `PeakSignalNoiseRatio` report; <= `psnr`, Jensen). An exact
   image stays finite: its squared error is floored at 1/2 level^2 (103.9 dB at 3x256x256, 3 dB above the best
   inexact one), so the order is kept and the mean never becomes inf.
-- `lowpass_psnr`: PSNR of the 8 x 8 average-pooled images, i.e. of colours and low frequencies (what a latent of
-  stride >= 8 can hold exactly); squared error floored at half the square of the smallest pooled step (1/64 level).
+- `lowpass_psnr`: PSNR of the images average-pooled down to 8 x 8 pixels (blocks of H/8 x W/8: 32 x 32 px at
+  256 px), i.e. of colours and tone, which any latent of stride <= H/8 can hold; squared error floored at half the
+  square of the smallest pooled step (one level over the block's pixel count).
 - `ssim`: mean SSIM (Wang et al. 2004, Eq. 13), 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03 (torchmetrics).
 - `lpips`, `stlpips_alex`, `stlpips_vgg` (and `stlpips`, their per-image mean), `lpips_random`: see
   `dcssdae.metric_networks`. ST-LPIPS is NOT comparable with LPIPS numbers in papers, hence its own names.
@@ -59,7 +60,7 @@ from dcssdae.set_statistics import FrechetReference, bootstrap_ci, gather_cat, k
 
 FID_MIN_IMAGES = 2048  # rFID is reported from this many images (the Inception feature dimension)
 FID_RELIABLE_NUM_IMAGES = 10_000
-LOWPASS_BLOCK = 8
+LOWPASS_SIZE = 8  # lowpass_psnr compares the images pooled down to LOWPASS_SIZE x LOWPASS_SIZE pixels
 
 # ----------------------------------------------------------------------------------------------------------------
 # 8-bit quantisation and PSNR: [-1, 1] float -> uint8, the way an image file stores it.
@@ -84,13 +85,15 @@ def psnr_uint8(x_hat_u8: Tensor, x_u8: Tensor) -> tuple[Tensor, Tensor]:
     return _psnr_levels(sse, x_u8[0].numel(), 0.5), sse
 
 
-def lowpass_psnr_uint8(x_hat_u8: Tensor, x_u8: Tensor, block: int = LOWPASS_BLOCK) -> Tensor:
-    """Per-image PSNR (dB, float64) of the `block` x `block` average-pooled uint8 images (B, C, H, W): colours and
-    low frequencies. The squared error is floored at half the square of one pooled step (1/block^2 level)."""
-    pooled_hat = F.avg_pool2d(x_hat_u8.double(), block)
-    pooled = F.avg_pool2d(x_u8.double(), block)
+def lowpass_psnr_uint8(x_hat_u8: Tensor, x_u8: Tensor, size: int = LOWPASS_SIZE) -> Tensor:
+    """Per-image PSNR (dB, float64) of uint8 images (B, C, H, W) average-pooled down to `size` x `size` pixels
+    (adaptive pooling: blocks of about H/size x W/size): colours and tone. The squared error is floored at half the
+    square of one pooled step (1 / pixels-per-block level)."""
+    pooled_hat = F.adaptive_avg_pool2d(x_hat_u8.double(), size)
+    pooled = F.adaptive_avg_pool2d(x_u8.double(), size)
     sse = (pooled_hat - pooled).square().flatten(1).sum(1)
-    return _psnr_levels(sse, pooled[0].numel(), 0.5 / block**4)
+    block = (x_u8.shape[-2] // size) * (x_u8.shape[-1] // size)
+    return _psnr_levels(sse, pooled[0].numel(), 0.5 / max(1, block) ** 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------

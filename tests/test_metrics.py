@@ -310,18 +310,20 @@ def test_bootstrap_interval_of_a_mean_in_closed_form():
     assert bootstrap_ci(torch.tensor([2.5])) == [2.5, 2.5]
 
 
-def test_lowpass_psnr_ignores_detail_that_averages_out_over_8x8_blocks():
-    """A +-4 level checkerboard added to an image: PSNR 10 log10(255^2 / 16) = 36.1 dB, but every 8 x 8 block keeps
-    its mean, so the low-pass PSNR is at its cap; a uniform offset of 4 levels costs both the same."""
-    levels = torch.randint(20, 236, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0))
-    checker = 4 * (1 - 2 * ((torch.arange(32)[:, None] + torch.arange(32)).remainder(2)))
+def test_lowpass_psnr_compares_the_images_pooled_down_to_8x8_pixels():
+    """A +-4 level checkerboard of 8 px squares added to a 128 px image: PSNR 10 log10(255^2 / 16) = 36.1 dB, but
+    each of the 8 x 8 pooled pixels (16 x 16 px blocks) keeps its mean, so the low-pass PSNR is at its cap; a uniform
+    offset of 4 levels costs both the same."""
+    levels = torch.randint(20, 236, (2, 3, 128, 128), generator=torch.Generator().manual_seed(0))
+    squares = torch.arange(128) // 8
+    checker = 4 * (1 - 2 * ((squares[:, None] + squares).remainder(2)))
     x, x_hat = levels_to_images(levels), levels_to_images(levels + checker)
     m = ReconstructionMetrics(rfid=False, lpips_variant=None)
     m.update(x_hat, x)
     m.update(levels_to_images(levels + 4), x, column="offset")
     result, offset = m.compute(), m.compute("offset")
     assert result["psnr"] == pytest.approx(10 * math.log10(255**2 / 16))
-    cap = 10 * math.log10(255**2 * 3 * 4 * 4 / (0.5 / 8**4))
+    cap = 10 * math.log10(255**2 * 3 * 8 * 8 / (0.5 / (16 * 16) ** 2))
     assert result["lowpass_psnr"] == pytest.approx(cap) and result["lowpass_psnr"] > 100
     assert offset["lowpass_psnr"] == pytest.approx(offset["psnr"]) == pytest.approx(result["psnr"])
     assert result["lowpass_psnr_ci95"] == pytest.approx([cap, cap])
