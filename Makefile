@@ -38,6 +38,7 @@ bench: $(ENV)
 	$(PY) benchmarks/bench_networks.py
 	$(PY) benchmarks/bench_samplers.py
 	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/bench_checkpointing.py
 
 bench-quality: $(ENV)   # EqM vs FM at equal budget on the default photos (~30 min on 2 cores); PNGs in runs/bench_quality
 	$(PY) benchmarks/bench_quality.py train --steps 500 --evals 4 --out $(RUNS)/bench_quality
@@ -51,7 +52,7 @@ quickstart: $(ENV)
 		--ckpt_path $(QUICKSTART_CKPT)
 
 # The whole recipe on a CPU (~27 min on 2 idle cores): phase 1 = the quick-start, phase 2 at twice the resolution,
-# phase 3, one-step distillation, export; then every stage and bicubic scored on the held-out photos.
+# phase 3, one-step distillation, export; then every stage and bicubic scored on the dev photos.
 CPU_RUNS ?= $(RUNS)/cpu
 CPU_PHASE3_CKPT ?= $(CPU_RUNS)/phase3/checkpoints/last.ckpt
 CPU_DISTILL = $(PY) -m dcssdae.cli fit --config configs/cpu/distill.yaml --trainer.default_root_dir $(CPU_RUNS)/distill \

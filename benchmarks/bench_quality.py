@@ -1,5 +1,5 @@
 """Quality against compute: Equilibrium Matching against flow matching at an equal training budget, and quality
-against decoder evaluations (NFE) for the samplers (issue 6).
+against decoder evaluations (NFE) for the samplers (docs/experiments/sampler_schedules.md).
 
 Two sub-commands, so that training can run where the GPU is and rFID where its Inception weights are:
 
@@ -13,7 +13,7 @@ Two sub-commands, so that training can run where the GPU is and rFID where its I
   and `OUT/fm.pt`, rewritten atomically at every snapshot:
   `{"format", "objective", "dcssdae_config", "snapshots": {step: state_dict}, "meta": {...}, "loss": [...]}`
   (weights stored as float16 by default: 4 snapshots of the 1.92 M-parameter quick-start model take 15 MiB).
-* `evaluate`: for every snapshot, reconstructs the validation photos (the 12 default validation images, each as
+* `evaluate`: for every snapshot, reconstructs the validation photos (by default the 8 dev photos, each as
   `--crops` fixed crops: crop 0 is the validation centre crop, the others random zoomed crops drawn like the training
   crops from a fixed seed) with the objective's configured sampler from fixed noise, and measures PSNR, SSIM,
   ST-LPIPS-Alex and rFID with `dcssdae.metrics.ReconstructionMetrics`. Then, on the last snapshot of each objective,
@@ -263,7 +263,7 @@ def validation_crops(val_shards: str | list[str] | None, image_size: int, aug_sc
 
     if crops < 1:
         raise ValueError(f"--crops must be >= 1, got {crops}")
-    urls = expand_urls(ensure_default_photos()["val"] if val_shards in (None, "default") else val_shards)
+    urls = expand_urls(ensure_default_photos()["dev"] if val_shards in (None, "default") else val_shards)
     images, keys = [], []
     for url in urls:
         for sample in read_shard(url):

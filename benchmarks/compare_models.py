@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", type=parse_model, required=True,
                         help="LABEL=PATH[@STEPS[,KEY=VALUE...]]")
-    parser.add_argument("--val-shards", default="default", help="shards to score (default: the held-out photos; "
-                        "'default:crops' = 216 views of them)")
+    parser.add_argument("--val-shards", default="default", help="shards to score (default: the dev photos; "
+                        "'default:crops' = 216 views of them, 'default:test' = the test photos)")
     parser.add_argument("--size", type=int, default=256, help="image side (short side resized, centre crop)")
     parser.add_argument("--batch", type=int, default=6)
     parser.add_argument("--limit", type=int, default=None, help="score at most this many images")

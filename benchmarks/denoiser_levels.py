@@ -90,7 +90,7 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a .ckpt from `dcssdae fit` or an export folder")
-    parser.add_argument("--val-shards", default="default", help="shards to score (default: the held-out photos)")
+    parser.add_argument("--val-shards", default="default", help="shards to score (default: the dev photos)")
     parser.add_argument("--size", type=int, default=256, help="image side (short side resized, centre crop)")
     parser.add_argument("--limit", type=int, default=6, help="images (the first ones of the shards)")
     parser.add_argument("--gammas", type=float, nargs="+", default=list(GAMMAS), help="levels, in [0, 1)")

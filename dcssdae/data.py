@@ -59,9 +59,9 @@ def _default_split(urls: str | list[str] | None, split: str) -> str | None:
 
 def _resolve_default(train: str | list[str] | None, val: str | list[str] | None):
     """Replace None / "default" / "default:<split>" by the default photo shards (written on first use, see
-    dcssdae.photos): "default" is the training photos for training and the held-out photos for validation;
-    "default:crops" the 216 views of the held-out photos."""
-    splits = {"train": _default_split(train, "train"), "val": _default_split(val, "val")}
+    dcssdae.photos): "default" is the `train` photos for training and the `dev` photos for validation;
+    "default:test" the test photos, "default:crops" the 216 views of the dev photos."""
+    splits = {"train": _default_split(train, "train"), "val": _default_split(val, "dev")}
     if not any(splits.values()):
         return train, val
     from dcssdae.photos import ensure_default_photos
@@ -101,6 +101,7 @@ class ImageNetDataModule(L.LightningDataModule):
         val_image_size: int | None = None,
         aug_scale: float = 1.0,
         aug_color: float = 0.0,
+        aug_permute: float = 0.0,
         batch_size: int = 32,
         val_batch_size: int | None = None,
         num_workers: int = 8,
@@ -126,6 +127,8 @@ class ImageNetDataModule(L.LightningDataModule):
             aug_color: colour augmentation of training crops: hue rotated by U[-pi a, pi a] about the grey axis,
                 saturation scaled by exp(U[-a, a]); 0 (default): none. For small photo sets whose palette is
                 narrow (the default photos: 0.5); ImageNet recipes leave it at 0.
+            aug_permute: probability that a training crop's RGB channels are put in a random order (one of the
+                6 orders); 0 (default): never. Like `aug_color`, for small photo sets; ImageNet recipes leave it 0.
             batch_size: training images per batch on each rank.
             val_batch_size: validation images per batch on each rank (default: `batch_size`).
             num_workers: DataLoader worker processes per rank (decoding and augmentation run there).
@@ -153,7 +156,9 @@ class ImageNetDataModule(L.LightningDataModule):
         self.image_size, self.aug_scale = image_size, aug_scale
         if aug_color < 0:
             raise ValueError(f"aug_color must be >= 0, got {aug_color}")
-        self.aug_color = aug_color
+        if not 0 <= aug_permute <= 1:
+            raise ValueError(f"aug_permute is a probability in [0, 1], got {aug_permute}")
+        self.aug_color, self.aug_permute = aug_color, aug_permute
         self.val_image_size = val_image_size or image_size
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
@@ -226,6 +231,7 @@ class ImageNetDataModule(L.LightningDataModule):
             self.seed,
             rank,
             self.aug_color,
+            self.aug_permute,
         )
         return _PositionedLoader(
             dataset,

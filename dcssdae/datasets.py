@@ -268,6 +268,7 @@ class TrainShards(IterableDataset):
         aug_scale: short side drawn uniformly in [S, S * aug_scale] before the crop (1 = no zoom).
         batch_size: images per batch (always full).
         aug_color: colour augmentation strength (`train_transform`; 0 = none).
+        aug_permute: probability of a random order of the RGB channels (`train_transform`; 0 = never).
         batches_per_rank: batches per epoch on this rank (a multiple of the number of workers).
         shuffle_buffer: samples (still encoded) held per worker for shuffling.
         seed: base seed.
@@ -285,9 +286,10 @@ class TrainShards(IterableDataset):
         seed: int = 0,
         rank: int | None = None,
         aug_color: float = 0.0,
+        aug_permute: float = 0.0,
     ):
         self.urls = expand_urls(urls)
-        self.aug_color = aug_color
+        self.aug_color, self.aug_permute = aug_color, aug_permute
         self.image_size, self.aug_scale, self.batch_size = image_size, aug_scale, batch_size
         self.batches_per_rank, self.shuffle_buffer, self.seed = batches_per_rank, shuffle_buffer, seed
         self.rank = _dist_rank_world(None, None)[0] if rank is None else rank
@@ -357,7 +359,8 @@ class TrainShards(IterableDataset):
                                             f"{key} of {url}: {e}); are these image shards?") from None
                 continue
             in_a_row = 0
-            images.append(train_transform(img, self.image_size, self.aug_scale, rng, self.aug_color))
+            images.append(train_transform(img, self.image_size, self.aug_scale, rng, self.aug_color,
+                                          self.aug_permute))
             labels.append(label)
             keys.append(sample["__key__"])
             if len(images) == self.batch_size:

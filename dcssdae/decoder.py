@@ -42,10 +42,12 @@ parameter).
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dcssdae.decoder_layers import (
     ATTENTION_BACKENDS,
@@ -60,6 +62,15 @@ from dcssdae.decoder_layers import (
     _zero_,
 )
 from dcssdae.decoder_lean import LEAN_MIN_PIXELS, STRIPE_ROWS, _adagn_affine, _lean, _Moments, _part_rows
+
+
+def _run(owner: nn.Module, block: nn.Module, *args):
+    """block(*args), gradient-checkpointed (activations recomputed in backward) when `owner.gradient_checkpointing`
+    is on and autograd records; diffusers' attribute names (its `enable_gradient_checkpointing` sets them)."""
+    if owner.gradient_checkpointing and torch.is_grad_enabled():
+        return owner._gradient_checkpointing_func(block, *args)
+    return block(*args)
+
 
 # ----------------------------------------------------------------------------------------------------
 # Blocks.
@@ -170,6 +181,8 @@ class MiddleTransformer(nn.Module):
             TransformerBlock(dim, heads, window, ff_mult, ctx_channels, backend) for _ in range(depth)
         )
         self.proj_out = nn.Linear(dim, dim)
+        self.gradient_checkpointing = False  # per block, see _run
+        self._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
 
     def forward(self, x, ctx, return_tokens_at=None):
         B, D, Hg, Wg = x.shape
@@ -178,7 +191,7 @@ class MiddleTransformer(nn.Module):
         ctx_tokens = ctx.permute(0, 2, 3, 1)  # (B, h, w, C0)
         tokens = None
         for i, block in enumerate(self.blocks):
-            h = block(h, (Hg, Wg), ctx_tokens)
+            h = _run(self, block, h, (Hg, Wg), ctx_tokens)
             if i == return_tokens_at:
                 tokens = h  # (B, N, D), for REPA
         return x + self.proj_out(h).view(B, Hg, Wg, D).permute(0, 3, 1, 2), tokens
@@ -301,6 +314,9 @@ class UViTDecoder(nn.Module):
         # feeding one is computed inside it; None: never.
         self.lean_min_pixels: int | None = LEAN_MIN_PIXELS
         self.stripe_rows = STRIPE_ROWS
+        # Gradient checkpointing of each ResBlock (the middle transformer's blocks: its own flag), off by default.
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
 
     def _check(self, x_t, z, t, return_tokens_at):
         if x_t.ndim != 4 or x_t.shape[1] != self.image_channels:
@@ -370,7 +386,7 @@ class UViTDecoder(nn.Module):
         skips = [None if large(h[:, :, ::2, ::2]) else h]
         for block in self.enc.values():
             if isinstance(block, ResBlock):
-                h = _lean(block, [h], ctx, self.stripe_rows) if large(h) else block(h, ctx)
+                h = _lean(block, [h], ctx, self.stripe_rows) if large(h) else _run(self, block, h, ctx)
             else:
                 h = block(h)
             skips.append(h)
@@ -384,7 +400,7 @@ class UViTDecoder(nn.Module):
                 h = _lean(block, parts, ctx, self.stripe_rows, up=up, reuse=parts[-1])
                 up = None
             elif isinstance(block, ResBlock):
-                h = block(torch.cat([h, skips.pop()], dim=1), ctx)
+                h = _run(self, block, torch.cat([h, skips.pop()], dim=1), ctx)
             elif large(skips[-1]):  # an up conv feeding a lean block: computed by that block, in stripes
                 up = block  # h stays the low-resolution map
             else:

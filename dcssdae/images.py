@@ -147,9 +147,12 @@ def color_matrix(hue: float, saturation: float) -> np.ndarray:
 
 
 def train_transform(img: Image.Image, size: int, aug_scale: float, rng: random.Random,
-                    aug_color: float = 0.0) -> Image.Image:
+                    aug_color: float = 0.0, aug_permute: float = 0.0) -> Image.Image:
     """Short side scaled to s ~ U[size, size * aug_scale], random size x size crop, flip with p = 1/2; with
-    aug_color = a > 0, hue rotated by U[-pi a, pi a] and saturation scaled by exp(U[-a, a]) (`color_matrix`)."""
+    aug_color = a > 0, hue rotated by U[-pi a, pi a] and saturation scaled by exp(U[-a, a]) (`color_matrix`); with
+    aug_permute = p > 0, the RGB channels put in a random order (one of the 6, identity included) with
+    probability p. Both change colours in ways a photo's own statistics cannot undo, so that a small photo set
+    teaches the whole palette rather than its own."""
     w, h = _resized_size(img, round(rng.uniform(size, size * aug_scale)))
     img = _resize_crop(img, (w, h), rng.randint(0, w - size), rng.randint(0, h - size), size)
     img = img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
@@ -157,6 +160,9 @@ def train_transform(img: Image.Image, size: int, aug_scale: float, rng: random.R
         matrix = color_matrix(rng.uniform(-math.pi, math.pi) * aug_color, math.exp(rng.uniform(-1, 1) * aug_color))
         rgb = np.asarray(img, dtype=np.float32) @ matrix.T.astype(np.float32)
         img = Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
+    if aug_permute > 0 and rng.random() < aug_permute:
+        order = rng.sample(range(3), 3)
+        img = Image.merge("RGB", [img.getchannel(c) for c in order])
     return img
 
 

@@ -342,6 +342,17 @@ def kl_loss(posterior) -> Tensor:
     return kl.mean()
 
 
+def lowpass_loss(x0_hat: Tensor, x: Tensor, blocks: tuple[int, ...] = (8, 16, 32)) -> Tensor:
+    """Low frequencies (colour, tone) of x0_hat against x: the mean over block sizes b of the MSE between the b x b
+    block averages of the two images (blocks larger than the image are skipped). The pixel MSE of the objective
+    already holds these errors, but at a weight of one pixel each among all the detail the estimate cannot get
+    right at high noise; this term weighs the block averages, which the latent keeps, on their own. Batch mean."""
+    sizes = [b for b in blocks if b <= min(x.shape[-2:])]
+    if not sizes:
+        raise ValueError(f"lowpass_loss: every block size {blocks} exceeds the image ({tuple(x.shape[-2:])})")
+    return sum(F.mse_loss(F.avg_pool2d(x0_hat.float(), b), F.avg_pool2d(x.float(), b)) for b in sizes) / len(sizes)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Named terms and their weights (DC-SSDAE: L = EqM + 0.5 LPIPS + 0.25 REPA + 1e-6 KL).
 
@@ -389,6 +400,9 @@ class LossWeights:
     """REPA alignment with DINOv2 (SSDD, DC-SSDAE)."""
     kl: float = 1e-6
     """KL of the posterior (DC-SSDAE errata: 1e-6)."""
+    lowpass: float = 0.0
+    """MSE of the block averages of x0_hat against x (`lowpass_loss`): colour and tone. Not in SSDD or DC-SSDAE
+    (0 by default)."""
     distill: float = 1.0
     """One-step distillation: the objective's loss at the pure-noise level between the student's one-step prediction
     and the target built from the teacher's N-step sample (SSDD Sec. 3.4; `dcssdae.distill.DistillSystem`)."""

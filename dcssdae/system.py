@@ -45,7 +45,7 @@ from dcssdae.autoencoder import (
     network_corruption_config,
 )
 from dcssdae.baselines import baseline
-from dcssdae.losses import LossWeights, LPIPSLoss, REPALoss, kl_loss
+from dcssdae.losses import LossWeights, LPIPSLoss, REPALoss, kl_loss, lowpass_loss
 from dcssdae.metrics import ReconstructionMetrics, format_table, psnr_uint8, quantize_uint8
 from dcssdae.objectives import EquilibriumMatching, FlowMatching
 
@@ -318,6 +318,8 @@ class DCSSDAESystem(pl.LightningModule):
             terms["repa"] = self.repa(tokens, x).mean()
         if self.encoder_trains and self.loss_weights.kl > 0:
             terms["kl"] = kl_loss(posterior)
+        if self.loss_weights.lowpass > 0:
+            terms["lowpass"] = lowpass_loss(x0_hat, x)
         return self.log_loss(terms)
 
     def log_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -4,6 +4,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,15 +64,26 @@ class TinyCLI:
         return self.work / "runs" / name / "checkpoints" / "last.ckpt"
 
 
+@pytest.fixture(scope="session")
+def default_photo_shards(tmp_path_factory) -> Path:
+    """The default photo shards (train and dev), written once per test session; copy them, never write into them."""
+    from dcssdae.photos import ensure_default_photos
+
+    root = tmp_path_factory.mktemp("default_photos") / "photos"
+    ensure_default_photos(root)
+    return root
+
+
 @pytest.fixture(scope="module")
-def tiny_cli(tmp_path_factory, request) -> TinyCLI:
-    """A `TinyCLI` whose working directory (the current one during the module's tests) and default photo shards are
-    made once per test module."""
+def tiny_cli(tmp_path_factory, request, default_photo_shards) -> TinyCLI:
+    """A `TinyCLI` whose working directory (the current one during the module's tests) and default photo shards (a
+    copy of the session's) are made once per test module."""
     work = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+    shutil.copytree(default_photo_shards, work / "data" / "photos", ignore=shutil.ignore_patterns(".lock"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DCSSDAE_DATA", str(work / "data"))
         mp.chdir(work)
         from dcssdae.photos import ensure_default_photos
 
-        ensure_default_photos()
+        ensure_default_photos()  # the copy is complete: nothing is written
         yield TinyCLI(work)

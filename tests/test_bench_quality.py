@@ -4,6 +4,7 @@ the objective each run really trained with, and that training is a pure function
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,10 @@ def test_each_objective_builds_its_corruption_sampler_and_time_input(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(tmp_path_factory, default_photo_shards):
     """Working directory with the default photo shards; train both objectives and evaluate them once."""
     work = tmp_path_factory.mktemp("bench_quality")
+    shutil.copytree(default_photo_shards, work / "data" / "photos", ignore=shutil.ignore_patterns(".lock"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DCSSDAE_DATA", str(work / "data"))
         mp.chdir(work)
@@ -72,7 +74,7 @@ def test_train_writes_one_file_per_objective_with_the_objective_it_trained(work)
 def test_evaluate_writes_results_and_figures(work):
     results = json.loads((work / "eval" / "results.json").read_text())
     meta = results["meta"]
-    assert meta["num_images"] == 12 and meta["nfe_num_images"] == 6 and meta["rfid"] is False  # 6 held-out photos
+    assert meta["num_images"] == 16 and meta["nfe_num_images"] == 8 and meta["rfid"] is False  # 8 dev photos
     assert meta["perceptual"] == "stlpips_alex"
     assert set(results["runs"]) == {"eqm", "fm"}
     for run in results["runs"].values():

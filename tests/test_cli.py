@@ -45,15 +45,15 @@ def test_quickstart_fit_writes_checkpoint_and_reconstructions_then_validate_repo
     metrics = json.loads(report.read_text())
     # every validation image (the overlay's limit_val_batches 2 is for fit's periodic validation), the overlay's
     # one-step sampler; the JSON says which checkpoint, at which step, with which sampler
-    assert metrics["num_images"] == 6 and metrics["nfe"] == 1.0  # the 6 held-out photos
+    assert metrics["num_images"] == 8 and metrics["nfe"] == 1.0  # the 8 dev photos
     assert metrics["checkpoint"] == str(quickstart_ckpt.absolute()) and metrics["checkpoint_global_step"] == 2
     assert metrics["sampler"]["method"] == "one_step"
     assert 0 < metrics["psnr"] < 100 and -1 <= metrics["ssim"] <= 1
     # the bicubic baseline at the latent's budget, scored on the same images, beside the model
     bicubic = metrics["bicubic"]
-    assert bicubic["num_images"] == 6 and "nfe" not in bicubic and 10 < bicubic["psnr"] < 60
+    assert bicubic["num_images"] == 8 and "nfe" not in bicubic and 10 < bicubic["psnr"] < 60
     # and the one-step decoder (quickstart.yaml's val_extra_steps), from the same latents and noise
-    assert metrics["1 step"]["num_images"] == 6 and metrics["1 step"]["nfe"] == 1.0
+    assert metrics["1 step"]["num_images"] == 8 and metrics["1 step"]["nfe"] == 1.0
 
 
 def test_ckpt_path_keeps_the_evaluation_settings_of_the_command_line(tiny_cli, quickstart_ckpt):
@@ -119,7 +119,7 @@ def test_test_subcommand_reports_metrics_on_the_validation_images(tiny_cli, quic
     assert tiny_cli("test", "quickstart_test", "--ckpt_path", str(quickstart_ckpt)) == 0
     (report,) = Path("runs/quickstart_test").rglob("test_metrics.json")
     metrics = json.loads(report.read_text())
-    assert metrics["num_images"] == 6 and metrics["nfe"] == 1.0  # every held-out photo, once
+    assert metrics["num_images"] == 8 and metrics["nfe"] == 1.0  # every dev photo, once
     assert 0 < metrics["psnr"] < 100
 
 
@@ -133,7 +133,7 @@ def test_predict_writes_input_and_reconstruction_of_every_validation_image(tiny_
     result = tiny_cli.subprocess("predict", "quickstart_predict", "--ckpt_path", str(ckpt))
     assert result.returncode == 0, result.stderr[-3000:]
     (folder,) = (tiny_cli.work / "runs/quickstart_predict/lightning_logs").glob("version_*/reconstructions")
-    assert f"wrote 6 reconstructions (all; input | reconstruction) to {folder}" in result.stdout
+    assert f"wrote 8 reconstructions (all; input | reconstruction) to {folder}" in result.stdout
 
     # The same images, batches and per-batch noise seeds (val_seed + batch index) as the run, and the checkpoint's
     # EMA weights, rebuilt here: each PNG is the 64 px input | its one-step reconstruction, as uint8.
@@ -141,9 +141,9 @@ def test_predict_writes_input_and_reconstruction_of_every_validation_image(tiny_
     from dcssdae.metrics import quantize_uint8
 
     ae = DCSSDAE.from_pretrained(ckpt)
-    val = ValShards(str(tiny_cli.work / "data/photos/val/val-{000000..000000}.tar"), 64, 2, rank=0, world_size=1)
+    val = ValShards(str(tiny_cli.work / "data/photos/dev/dev-{000000..000000}.tar"), 64, 2, rank=0, world_size=1)
     pngs = sorted(folder.glob("*.png"))
-    assert len(pngs) == 6
+    assert len(pngs) == 8
     for batch_idx, batch in enumerate(val):
         x = batch["image"]
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(batch_idx))

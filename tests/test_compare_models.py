@@ -1,4 +1,4 @@
-"""benchmarks/compare_models.py: model specs (steps and sampler settings), and one run on the held-out photos that
+"""benchmarks/compare_models.py: model specs (steps and sampler settings), and one run on the dev photos that
 scores every model and the bicubic baseline and writes the table, the JSON and the picture. Tiny presets."""
 
 import argparse

@@ -236,25 +236,26 @@ def test_train_skips_undecodable_samples(tmp_path, caplog):
 
 def test_default_photos(tmp_path, monkeypatch):
     from dcssdae.data import expand_urls, read_shard
-    from dcssdae.photos import HELD_OUT, PHOTOS, ensure_default_photos
+    from dcssdae.photos import DEV, PHOTOS, TEST, ensure_default_photos
 
     urls = ensure_default_photos(tmp_path / "photos")
-    assert set(urls) == {"train", "val"}  # the crops are written only when asked for
-    assert urls["train"].endswith("train-{000000..000003}.tar") and urls["val"].endswith("val-{000000..000000}.tar")
-    stamp = (tmp_path / "photos" / "val" / "val-000000.tar").stat().st_mtime_ns
+    assert set(urls) == {"train", "dev"}  # test and crops are written only when asked for
+    assert urls["train"].endswith("train-{000000..000014}.tar") and urls["dev"].endswith("dev-{000000..000000}.tar")
+    stamp = (tmp_path / "photos" / "dev" / "dev-000000.tar").stat().st_mtime_ns
     assert ensure_default_photos(tmp_path / "photos") == urls
-    assert (tmp_path / "photos" / "val" / "val-000000.tar").stat().st_mtime_ns == stamp  # not rewritten
+    assert (tmp_path / "photos" / "dev" / "dev-000000.tar").stat().st_mtime_ns == stamp  # not rewritten
     train_keys = {s["__key__"] for u in expand_urls(urls["train"]) for s in read_shard(u)}
-    assert len(train_keys) == len(PHOTOS) - len(HELD_OUT) == 14 and not train_keys & set(HELD_OUT)
+    assert len(train_keys) == len(PHOTOS) - len(DEV) - len(TEST) == 57
+    assert not train_keys & (set(DEV) | set(TEST))
 
     monkeypatch.setenv("DCSSDAE_DATA", str(tmp_path))
-    dm = ImageNetDataModule(image_size=64, val_image_size=96, batch_size=5, num_workers=0)
+    dm = ImageNetDataModule(image_size=64, val_image_size=96, batch_size=19, num_workers=0)
     dm.setup("fit")
     keys = keys_of(dm.val_dataloader())
-    assert sorted(keys) == sorted(HELD_OUT)  # validation: the held-out photos, whole
+    assert sorted(keys) == sorted(DEV)  # validation: the dev photos, whole
     assert next(iter(dm.val_dataloader()))["image"].shape[-2:] == (96, 96)
     batches = list(dm.train_dataloader())
-    assert len(batches) == 3  # epoch = the 14 training photos, batches of 5
+    assert len(batches) == 3  # epoch = the 57 training photos, batches of 19
     assert not set(keys_of(batches)) & set(keys)  # validation photos never trained on
 
 
@@ -359,7 +360,7 @@ def test_ddp_two_ranks_validation_exactly_once(tmp_path):
 
 
 def test_held_out_crops_and_default_split(tmp_path, monkeypatch):
-    """`val_shards: default:crops` reads the views of the held-out photos; none is a training photo."""
+    """`val_shards: default:crops` reads the views of the dev photos; none is a training or test photo."""
     from dcssdae import photos
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 450, 3), dtype=np.uint8))
@@ -374,6 +375,8 @@ def test_held_out_crops_and_default_split(tmp_path, monkeypatch):
     dm = ImageNetDataModule(image_size=64, val_shards="default:crops", batch_size=4, num_workers=0)
     dm.setup("validate")
     keys = keys_of(dm.val_dataloader())
-    assert sorted(keys) == sorted(f"{k}_crop{i:02d}" for k in photos.HELD_OUT for i in range(2))
+    assert sorted(keys) == sorted(f"{k}_crop{i:02d}" for k in photos.DEV for i in range(2))
     with pytest.raises(ValueError, match="unknown default photo split"):
         photos.ensure_default_photos(tmp_path / "p", splits=("tiles",))
+    with pytest.raises(ValueError, match="unknown default photo split"):
+        photos.ensure_default_photos(tmp_path / "p", splits=("val",))  # the former name of dev

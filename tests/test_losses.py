@@ -7,7 +7,7 @@ import urllib.error
 import pytest
 import torch
 
-from dcssdae.losses import LossWeights, LPIPSLoss, REPALoss, kl_loss, loss_terms
+from dcssdae.losses import LossWeights, LPIPSLoss, REPALoss, kl_loss, loss_terms, lowpass_loss
 from dcssdae.objectives import EquilibriumMatching, FlowMatching
 
 
@@ -246,7 +246,19 @@ def test_loss_weights():
     terms = {"eqm": torch.tensor(2.0), "lpips": torch.tensor(0.4), "repa": torch.tensor(0.8), "kl": torch.tensor(1e3)}
     torch.testing.assert_close(weights.total(terms), torch.tensor(2.0 + 0.2 + 0.2 + 1e-3))
     torch.testing.assert_close(LossWeights(lpips=0.0).total({"lpips": torch.tensor(3.0)}), torch.tensor(0.0))
-    with pytest.raises(KeyError, match=r"\['gan'\] have no weight; LossWeights has: data, distill, eqm, fm, kl, lpips, repa, stlpips"):
+    with pytest.raises(KeyError, match=r"\['gan'\] have no weight; LossWeights has: data, distill, eqm, fm, kl, lowpass, lpips, repa, stlpips"):
         weights.total({"eqm": torch.tensor(1.0), "gan": torch.tensor(1.0)})
     with pytest.raises(ValueError, match="must be a scalar"):
         weights.total({"eqm": torch.ones(2)})
+
+
+def test_lowpass_loss_sees_colour_and_tone_not_detail():
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    detail = x + 0.5 * torch.tensor([1.0, -1.0]).repeat(32).view(1, 1, 1, 64)  # +-0.5 on alternate columns
+    tinted = x + torch.tensor([0.1, 0.0, -0.1]).view(1, 3, 1, 1)
+    assert lowpass_loss(x, x) == 0 and lowpass_loss(detail, x) < 1e-10  # block averages of the detail cancel
+    assert lowpass_loss(tinted, x).item() == pytest.approx(2 * 0.1**2 / 3, rel=1e-4)
+    assert lowpass_loss(x[..., :16, :16], x[..., :16, :16] + 0.1).item() == pytest.approx(0.01, rel=1e-4)  # 8, 16
+    with pytest.raises(ValueError, match="exceeds the image"):
+        lowpass_loss(x[..., :4, :4], x[..., :4, :4])
+    assert LossWeights().lowpass == 0 and LossWeights(lowpass=2.0).total({"lowpass": torch.tensor(0.5)}) == 1.0

@@ -70,6 +70,27 @@ def test_tiled_call_of_a_local_map_is_exact(tiling):
     torch.testing.assert_close(pooled, F.avg_pool2d(x, 8), rtol=1e-6, atol=1e-6)
 
 
+def test_tiled_call_of_a_non_local_map_blends_the_tiles_it_cut():
+    """A map whose output depends on the whole tile (minus the tile's mean): tiled_call cuts 2 x 3 tiles, a pixel
+    that one tile covers is that tile's output (up to the rounding of w * y / w), one that several cover lies
+    between their outputs."""
+    x = torch.randn(1, 2, 48, 80)
+    calls = []
+
+    def fn(tile):
+        calls.append(tuple(tile.shape[-2:]))
+        return tile - tile.mean()
+
+    out = tiled_call(fn, x, tiling=Tiling(32, 8), factor=8)
+    assert calls == [(32, 32)] * 6  # rows start at 0, 16 (shifted to the border); columns at 0, 24, 48
+    torch.testing.assert_close(out[..., :16, :24], fn(x[..., :32, :32])[..., :16, :24], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[..., 32:, 56:], fn(x[..., 16:, 48:])[..., 16:, 8:], rtol=1e-6, atol=1e-6)
+    a, b = fn(x[..., :32, :32])[..., 16:32, :24], fn(x[..., 16:48, :32])[..., :16, :24]  # two tiles overlap here
+    assert ((out[..., 16:32, :24] - torch.minimum(a, b)) >= -1e-6).all()
+    assert ((torch.maximum(a, b) - out[..., 16:32, :24]) >= -1e-6).all()
+    assert not torch.allclose(out, x - x.mean())
+
+
 def test_tiling_rejects_sizes_that_are_not_multiples_of_the_factor():
     with pytest.raises(ValueError, match="multiples of the compression factor"):
         tiled_call(lambda x: x, torch.zeros(1, 3, 64, 64), tiling=Tiling(60, 16), factor=8)
@@ -108,27 +129,42 @@ def test_reconstruct_pads_any_size_and_crops_back():
     torch.testing.assert_close(x_hat, expected)
 
 
-def test_tiled_decoding_draws_noise_once_and_stays_close_to_untiled():
-    """Multi-step decoding with tiled network evaluations: deterministic given the generator, equal to the untiled
-    decode when one tile covers the image, and close to it with 2 x 2 overlapping tiles (random weights: each tile's
-    attention sees only the tile, which a trained decoder is more robust to). Tiled encoding: the same latent grid,
-    identical when one tile covers the image."""
+def record_sizes(*modules: torch.nn.Module) -> tuple[list, list]:
+    """Hooks that record the spatial size of every input each module is called on: (sizes per module, handles)."""
+    sizes = [[] for _ in modules]
+    handles = [m.register_forward_pre_hook(lambda _, args, seen=seen: seen.append(tuple(args[0].shape[-2:])))
+               for m, seen in zip(modules, sizes)]
+    return sizes, handles
+
+
+def test_tiled_decoding_cuts_tiles_draws_noise_once_and_stays_close_to_untiled():
+    """Multi-step decoding with tiled network evaluations: the networks really run on 2 x 2 tiles of 64 px (96 px
+    images, overlap 32), deterministic given the generator and close to the untiled decode (random weights: each
+    tile's attention sees only the tile, which a trained decoder is more robust to). A tile that covers the image
+    is no tiling: the networks see the whole image and the result is the untiled one. Tiled encoding: the same
+    latent grid."""
     model = tiny_model()
     x = images((1, 3, 96, 96))
     with torch.no_grad():
         z = model.encode(x)
         whole = model.decode(z, steps=3, generator=torch.Generator().manual_seed(1))
+        (enc_sizes, dec_sizes), handles = record_sizes(model.encoder, model.decoder)
         model.enable_tiling(tile=96, overlap=32)
         one_tile = model.decode(z, steps=3, generator=torch.Generator().manual_seed(1))
         z_one_tile = model.encode(x)
+        assert enc_sizes == [(96, 96)] and dec_sizes == [(96, 96)] * 3
+        enc_sizes.clear(), dec_sizes.clear()
         model.enable_tiling(tile=64, overlap=32)
         tiled = model.decode(z, steps=3, generator=torch.Generator().manual_seed(1))
-        again = model.decode(z, steps=3, generator=torch.Generator().manual_seed(1))
         z_tiled = model.encode(x)
+        assert enc_sizes == [(64, 64)] * 4 and dec_sizes == [(64, 64)] * 12  # 4 tiles per evaluation
+        again = model.decode(z, steps=3, generator=torch.Generator().manual_seed(1))
         model.disable_tiling()
+        for handle in handles:
+            handle.remove()
     assert torch.equal(one_tile, whole) and torch.equal(tiled, again) and torch.equal(z_one_tile, z)
     assert not torch.equal(tiled, whole) and rel_err(tiled, whole) < 0.4  # random weights: only a loose bound
-    assert z_tiled.shape == z.shape and torch.isfinite(z_tiled).all()
+    assert z_tiled.shape == z.shape and not torch.equal(z_tiled, z) and torch.isfinite(z_tiled).all()
     with pytest.raises(ValueError, match="multiples of the compression factor"):
         model.enable_tiling(tile=60, overlap=16)
 

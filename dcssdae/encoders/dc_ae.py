@@ -9,9 +9,12 @@ names are our own; `encoders/weights.py` maps the diffusers `AutoencoderDC` and 
 checkpoints onto them. Build it by name with `dcssdae.encoders.build_encoder`.
 """
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dcssdae.encoders.posterior import Posterior, check_image
 
@@ -181,9 +184,17 @@ class Stage(nn.Module):
         super().__init__()
         self.blocks = nn.Sequential(*blocks)
         self.down = down
+        # Gradient (activation) checkpointing of each block, off by default (diffusers' attribute names: its
+        # `enable_gradient_checkpointing` sets them): the block's activations are recomputed in backward.
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(x)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            for block in self.blocks:
+                x = self._gradient_checkpointing_func(block, x)
+        else:
+            x = self.blocks(x)
         return x if self.down is None else self.down(x)
 
 

@@ -8,9 +8,12 @@ Pretrained weights: a diffusers `AutoencoderKL` (encoder + quant_conv) or an LDM
 `encoders/weights.py`.
 """
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dcssdae.encoders.dc_ae import Stage
 from dcssdae.encoders.posterior import Posterior, check_image
@@ -138,12 +141,20 @@ class KLEncoder(nn.Module):
         self.norm_out = nn.GroupNorm(norm_groups, widths[-1], 1e-6)
         self.conv_out = nn.Conv2d(widths[-1], 2 * latent_channels, 3, padding=1)
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+        # Gradient checkpointing of the middle block (the stages' blocks: `Stage`), off by default; diffusers'
+        # attribute names (its `enable_gradient_checkpointing` sets them).
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
 
     def forward(self, x: torch.Tensor) -> Posterior:
         check_image(x, self.in_channels, self.downsample_factor, type(self).__name__)
         h = self.conv_in(x)  # (B, channels, H, W)
         for stage in self.stages:
             h = stage(h)  # (B, widths[-1], H/f, W/f) after the last level
-        h = self.conv_out(F.silu(self.norm_out(self.mid(h))))  # (B, 2c, H/f, W/f)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            h = self._gradient_checkpointing_func(self.mid, h)
+        else:
+            h = self.mid(h)
+        h = self.conv_out(F.silu(self.norm_out(h)))  # (B, 2c, H/f, W/f)
         mean, logvar = self.quant_conv(h).chunk(2, dim=1)
         return Posterior(mean, logvar if self.double_latent else None)
