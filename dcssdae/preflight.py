@@ -111,7 +111,7 @@ def check_shards(name: str, value: Any) -> list[str]:
                 f"or 'default' (the photo shards)")]
     missing = [p for p in map(_local_path, urls) if p is not None and not p.is_file()]
     unreadable = [p for p in map(_local_path, urls) if p is not None and p.is_file() and not os.access(p, os.R_OK)]
-    fix = ("write the shards with `dcssdae shards SRC OUT` (README, \"Data preparation\") and point "
+    fix = ("write the shards with `dcssdae shards SRC OUT` (docs/training.md, \"Data preparation\") and point "
            f"--{name} at the pattern it prints, or use --{name} default (the photo shards) to try the code")
     if missing:
         some = "all" if len(missing) == len(urls) else f"{len(missing)} of the"
