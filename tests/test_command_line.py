@@ -48,7 +48,8 @@ def test_a_value_of_the_wrong_type_names_the_option_and_its_type(capsys, option,
 
 def test_help_answers_without_importing_torch_or_lightning():
     code = ("import sys\nfrom dcssdae.cli import main\ncode = main(['--help'])\n"
-            "print('IMPORTED', sorted(m for m in ('torch', 'lightning', 'jsonargparse') if m in sys.modules), code)")
+            "print('IMPORTED', sorted(m for m in ('torch', 'lightning', 'jsonargparse', 'torchmetrics', 'diffusers', 'webdataset')\n"
+            "          if m in sys.modules), code)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-2000:]
