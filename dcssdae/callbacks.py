@@ -23,13 +23,14 @@ Checkpoints written when the EMA averaged every autoencoder weight have the same
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 # ------------------------------------------------------------------------------------------------
 # Exponential moving average of the autoencoder weights (SSDD: decay 0.999, start at 50k steps,
@@ -234,3 +235,67 @@ class Throughput(Callback):
                 pl_module.log("train/peak_memory_gib", peak, on_step=True, rank_zero_only=True)
                 torch.cuda.reset_peak_memory_stats(pl_module.device)
         self._last = now
+
+
+# ------------------------------------------------------------------------------------------------
+# The run's place: a resumed run (`fit --ckpt_path`) logs into the folder of the run it continues, and its progress
+# bar says where the run is in its whole budget, not only in the current epoch.
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar with the optimiser step and its total first among its items: `step=1312/2000`
+    (without a max_steps, the step alone)."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        total = trainer.max_steps
+        step = f"{trainer.global_step}/{total}" if total is not None and total > 0 else str(trainer.global_step)
+        return {"step": step, **super().get_metrics(trainer, pl_module)}
+
+
+class RunLogFolder(Callback):
+    """Writes into every checkpoint where the run logs (`checkpoint["log_folders"]`: per logger with a version
+    folder, its class, root folder and version), so that `resume_log_folder` can send a resumed run there."""
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint["log_folders"] = [
+            {"logger": type(logger).__name__, "root_dir": os.path.abspath(logger.root_dir), "version": logger.version}
+            for logger in trainer.loggers if _versioned(logger)
+        ]
+
+
+def _versioned(logger) -> bool:
+    """A logger that writes into <root_dir>/version_N (TensorBoard, CSV)."""
+    return hasattr(logger, "_version") and isinstance(getattr(logger, "root_dir", None), str)
+
+
+def resume_log_folder(trainer: pl.Trainer, ckpt_path: str | None) -> None:
+    """Before `fit` resumes from `ckpt_path` (a file, or "last": the run's last.ckpt), give each logger the version
+    that the checkpoint's run used, so that the run goes on in its own log folder (not a new version_N). Loggers
+    whose root folder differs from the checkpoint's, and checkpoints that do not record it, are left alone."""
+    if not ckpt_path or ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry"):
+        return
+    if ckpt_path == "last":
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+        ckpt_path = os.path.join(folder, "last.ckpt") if folder else None
+    if not ckpt_path or not os.path.isfile(ckpt_path):
+        return
+    try:  # the loader proper reports a bad file; here it only means: no folder to go on in
+        records = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("log_folders") or []
+    except Exception:  # noqa: BLE001
+        return
+    for logger in trainer.loggers:
+        if not _versioned(logger) or not _default_version(logger):
+            continue
+        for record in records:
+            if record.get("logger") == type(logger).__name__ and \
+                    os.path.abspath(logger.root_dir) == record.get("root_dir"):
+                logger._version = record["version"]
+
+
+def _default_version(logger) -> bool:
+    """Whether the logger's version is Lightning's default (the next free version_N, or on SLURM the job id), not
+    one the user gave."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    version = logger._version
+    return version is None or (SLURMEnvironment.job_id() is not None and str(version) == str(SLURMEnvironment.job_id()))

@@ -35,6 +35,12 @@ TOOLS = {
 }
 
 
+USAGE = "\n".join(
+    ["usage: dcssdae {fit,validate,test,predict} --config CONFIG [--config ...] [--GROUP.NAME VALUE ...]",
+     "       (LightningCLI: `dcssdae fit --help` lists every option, `--print_config` the resolved run)"]
+    + [f"       dcssdae {name:<13} {text}" for name, (_, text) in TOOLS.items()]
+)
+
 # ------------------------------------------------------------------------------------------------
 # Config includes. jsonargparse itself reads a `config:` key inside a file, but a nested group given after it
 # replaces the included group instead of merging into it; repeated --config (Lightning's documented way to compose
@@ -86,9 +92,17 @@ def _expand_config(value: str, chain: tuple[Path, ...]) -> list[str]:
 
 def make_cli_class():
     """The LightningCLI subclass (built on demand so that `dcssdae shards ...` does not import Lightning)."""
+    from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.cli import LightningCLI
 
-    from dcssdae.callbacks import EMA, ReconstructionGrid, Throughput
+    from dcssdae.callbacks import (
+        EMA,
+        ReconstructionGrid,
+        RunLogFolder,
+        StepProgressBar,
+        Throughput,
+        resume_log_folder,
+    )
     from dcssdae.checkpointing import (
         PreemptionCheckpoint,
         RunCheckpoint,
@@ -99,6 +113,8 @@ def make_cli_class():
     from dcssdae.nonfinite_guard import NonFiniteGuard
 
     class DCSSDAECLI(LightningCLI):
+        command_line: list[str] | None = None  # as typed, before config includes were expanded
+
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(EMA, "ema")
             parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
@@ -117,7 +133,19 @@ def make_cli_class():
             parser.epilog = model_arguments_help()
 
         def instantiate_trainer(self, **kwargs):
-            return use_atomic_checkpoint_io(super().instantiate_trainer(**kwargs))
+            # Every checkpoint records its log folder (a resume goes on there); the progress bar shows the step
+            # and its total (a resumed run's epoch count alone says little).
+            trainer_config = self._get(self.config_init, "trainer", default={})
+            given = trainer_config.get("callbacks") or []
+            added = [RunLogFolder()]
+            if trainer_config.get("enable_progress_bar") is not False and \
+                    not any(isinstance(c, ProgressBar) for c in (given if isinstance(given, list) else [given])):
+                added.append(StepProgressBar())
+            kwargs["callbacks"] = [*(given if isinstance(given, list) else [given]), *added]
+            trainer = use_atomic_checkpoint_io(super().instantiate_trainer(**kwargs))
+            if self.subcommand == "fit":
+                resume_log_folder(trainer, self._get(self.config_init, "ckpt_path"))
+            return trainer
 
         def init_parser(self, **kwargs):
             parser = super().init_parser(**kwargs)
@@ -127,6 +155,7 @@ def make_cli_class():
         def parse_arguments(self, parser, args) -> None:
             self.given_args = list(sys.argv[1:] if args is None else args)  # what the user typed
             super().parse_arguments(parser, args)
+            preflight(self.config, self.command_line or self.given_args)
 
         def _parse_ckpt_path(self) -> None:
             # LightningCLI writes every hyperparameter of --ckpt_path back over the parsed config here, silently
@@ -326,6 +355,30 @@ def _flat(name: str, value) -> dict:
     return _normal(name, value)
 
 
+def preflight(config, command_line: list[str]) -> None:
+    """Check what the parsed run needs before anything is built (dcssdae.preflight): raises PreflightError listing
+    every problem; prints the notes (weights that will be downloaded). DCSSDAE_NO_PREFLIGHT=1 skips the check."""
+    from dcssdae.preflight import PreflightError, check_run
+
+    subcommand = config.get("subcommand")
+    if not subcommand or os.environ.get("DCSSDAE_NO_PREFLIGHT"):
+        return
+    run = namespace_dict(config[subcommand])
+    class_path = (run.get("model") or {}).get("class_path") or "dcssdae.system.DCSSDAESystem"
+    module, _, name = class_path.rpartition(".")
+    from dcssdae.distill import DistillSystem
+
+    is_distill = issubclass(getattr(importlib.import_module(module), name), DistillSystem)
+    configs = [a for i, a in enumerate(command_line) if i and command_line[i - 1] in ("--config", "-c")]
+    configs += [a.split("=", 1)[1] for a in command_line if a.startswith("--config=")]
+    problems, notes = check_run(subcommand, run, configs, is_distill, model_defaults(class_path))
+    if int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0) == 0:
+        for note in notes:
+            print(f"dcssdae: note: {note}", file=sys.stderr)
+    if problems:
+        raise PreflightError(subcommand, problems)
+
+
 def keep_logs_in_run_folder(trainer_config) -> None:
     """A W&B logger without a save_dir writes (and LightningCLI's config.yaml and our PNGs follow trainer.log_dir)
     into the current directory, shared by every run: put it in the run's default_root_dir instead."""
@@ -377,17 +430,21 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True):
     from dcssdae.data import ImageNetDataModule
     from dcssdae.system import DCSSDAESystem
 
-    args = expand_config_includes(list(sys.argv[1:] if args is None else args))
+    command_line = list(sys.argv[1:] if args is None else args)
+    args = expand_config_includes(command_line)
     with warnings.catch_warnings():  # we pass the (expanded) command line explicitly, on purpose
         warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
-        return make_cli_class()(
+        cli_class = make_cli_class()
+        cli_class.command_line = command_line
+        # allow_abbrev False: `--trainer.max_step 20` is an error (with the closest name), not max_steps
+        return cli_class(
             DCSSDAESystem,
             ImageNetDataModule,
             subclass_mode_model=True,
             args=args,
             run=run,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"formatter_class": verbatim_text_formatter()},
+            parser_kwargs={"formatter_class": verbatim_text_formatter(), "allow_abbrev": False, "prog": "dcssdae"},
         )
 
 
@@ -397,16 +454,20 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(TOOLS[argv[0]][0])
         tool_main = getattr(module, "main_" + argv[0].replace("-", "_"), None) or module.main
         return int(tool_main(argv[1:]) or 0)
-    if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
-        print("usage: dcssdae {fit,validate,test,predict} [--config CONFIG ...]  (LightningCLI; see dcssdae fit --help)")
-        for name, (_, text) in TOOLS.items():
-            print(f"       dcssdae {name:<13} {text}")
+    if not argv or (argv[0] in ("-h", "--help") and len(argv) == 1):  # no torch / Lightning import for this
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
     from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from dcssdae.preflight import PreflightError
 
     try:
         run_lightning_cli(argv)
     except SIGTERMException:  # pre-empted: PreemptionCheckpoint wrote the checkpoint and said where
         return 143
+    except PreflightError as error:  # every problem of the run, one line each with its fix
+        print(error, file=sys.stderr)
+        return 1
     except _user_errors() as error:
         if os.environ.get("DCSSDAE_TRACEBACK"):
             raise
@@ -454,9 +515,12 @@ def explain_parse_errors(parser):
         if not parser.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
             return error(f"{reason}\n{message}" if reason and not message.startswith(reason) else message, ex)
         command = getattr(ex, "subcommand_parser", None) or parser
-        if reason and not message.startswith(reason):
-            where = re.search(r'Parser key "([^"]+)"', message)
-            lines = [reason + (f" (under {where.group(1)})" if where else "")]
+        key = option_key(message, ex)
+        wrong_type = re.fullmatch(r"Expected a (.+?)\. Got value: (.*)", reason, re.DOTALL)
+        if wrong_type and key:  # a value of the wrong type: name the option and what it takes
+            lines = [f"--{key} takes {_type_words(wrong_type.group(1))}, got {wrong_type.group(2)!r}"]
+        elif reason and not message.startswith(reason):
+            lines = [reason + (f" (under {key})" if key else "")]
         else:
             lines = message.strip().splitlines() or ["invalid arguments"]
         guess = closest_option(message if not reason else f"{reason}\n{message}", command)
@@ -467,6 +531,40 @@ def explain_parse_errors(parser):
         parser.exit(2)
 
     return explained
+
+
+def option_key(message: str, ex: BaseException | None) -> str | None:
+    """The dotted option a parse error is about (`model.lr`), from the `Parser key "..."` of the message and of
+    each nested error (a model argument is a key under the key `model`); None if there is none."""
+    keys = []
+    texts = [message] + [str(e) for e in _error_chain(ex)]
+    for text in texts:
+        found = re.match(r'\s*Parser key "([^"]+)"', text)
+        if found and (not keys or keys[-1] != found.group(1)):
+            keys.append(found.group(1))
+    key = ".".join(keys).replace(".init_args.", ".")
+    return key or None
+
+
+def _error_chain(ex: BaseException | None) -> list[BaseException]:
+    chain = []
+    while ex is not None and len(chain) < 50:
+        chain.append(ex)
+        ex = ex.__cause__ or ex.__context__
+    return chain
+
+
+def _type_words(expected: str) -> str:
+    """jsonargparse's expected type in words: "<class 'float'>" -> "a float", "typing.Literal['a', 'b']" ->
+    "one of 'a', 'b'"."""
+    plain = re.fullmatch(r"<class '(?:builtins\.)?([\w.]+)'>", expected)
+    if plain:
+        name = plain.group(1)
+        return ("an " if name[:1] in "aeiou" else "a ") + name
+    literal = re.fullmatch(r"(?:typing\.)?Literal\[(.*)\]", expected)
+    if literal:
+        return f"one of {literal.group(1)}"
+    return expected
 
 
 def closest_option(message: str, parser) -> str | None:

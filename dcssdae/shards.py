@@ -506,8 +506,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-column", default="label", help="parquet label column")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    try:
+        return convert(args, parser)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:  # bad input: one line, no traceback
+        print(f"dcssdae shards: error: {error}", file=sys.stderr)
+        return 2
 
+
+def check_sources(sources: list[Path]) -> None:
+    """Each source exists and holds files: raises FileNotFoundError / ValueError naming it and what it takes."""
+    takes = ("an image folder (ImageNet layout train/<wnid>/*.JPEG, or any tree of images) or Hugging Face "
+             "parquet files")
+    for src in sources:
+        if not src.exists():
+            raise FileNotFoundError(f"source {src} does not exist: give {takes}")
+        if src.is_dir() and next((f for f in src.rglob("*") if f.is_file() and not f.name.startswith(".")),
+                                 None) is None:
+            raise ValueError(f"source folder {src} is empty (no files under it): give {takes}")
+
+
+def convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`dcssdae shards` once its arguments are parsed."""
     sources = [Path(s) for s in args.src]
+    check_sources(sources)
     kind = args.format
     if kind == "auto":
         single_dir = len(sources) == 1 and sources[0].is_dir()

@@ -25,6 +25,7 @@ DDP rank draws its own noise, and a resumed run draws what an uninterrupted one 
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import fnmatch
 import warnings
@@ -56,6 +57,10 @@ from dcssdae.metrics import (
     quantize_uint8,
 )
 from dcssdae.objectives import EquilibriumMatching, FlowMatching
+
+# Which weights `load_from_checkpoint` puts in the module: "ema" (the checkpoint's state_dict) or "live"
+# (current_model_state); read by on_load_checkpoint, None outside load_from_checkpoint.
+_LOAD_WEIGHTS: contextvars.ContextVar[str | None] = contextvars.ContextVar("dcssdae_load_weights", default=None)
 
 # Parameters that get no weight decay: biases, norm gains, embeddings and position tables (any tensor with < 2
 # dims, plus these names), as in nanoGPT / timm.
@@ -540,7 +545,34 @@ class DCSSDAESystem(pl.LightningModule):
                 raise ValueError(message + "; set model.corruption to match")
             rank_zero_warn(message + " (initialising from it anyway)")
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only=None, *, weights: Literal["ema", "live"] = "ema", **kwargs):
+        """The system of a `dcssdae fit` checkpoint, in eval mode, holding the weights that validation and
+        `dcssdae export` use: the EMA of the weights (`weights="ema"`, the default). `weights="live"` gives the
+        training weights instead (those a resume continues from). A checkpoint of a run without EMA holds only its
+        training weights, which both give (with a warning for "ema"). Other arguments: Lightning's
+        `LightningModule.load_from_checkpoint` (keyword arguments replace saved hyperparameters).
+
+            model = DCSSDAESystem.load_from_checkpoint("runs/quickstart/checkpoints/last.ckpt")
+            x_hat = model.ae.decode(model.ae.encode(x))   # = the export's decode, given the same noise
+        """
+        if weights not in ("ema", "live"):
+            raise ValueError(f"weights must be 'ema' (what validation and export use) or 'live', got {weights!r}")
+        token = _LOAD_WEIGHTS.set(weights)
+        try:
+            model = super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only,
+                                                 **kwargs)
+        finally:
+            _LOAD_WEIGHTS.reset(token)
+        return model.eval()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        weights = _LOAD_WEIGHTS.get()  # set by load_from_checkpoint only (see dcssdae.callbacks for the layout)
+        if weights == "live" and "current_model_state" in checkpoint:
+            checkpoint["state_dict"] = dict(checkpoint["current_model_state"])
+        elif weights == "ema" and "current_model_state" not in checkpoint:
+            rank_zero_warn("the checkpoint has no EMA weights (trained without EMA): loading its training weights")
         self.loaded_global_step = checkpoint.get("global_step")  # recorded in validate / test metrics JSON
         self.use_own_optimizer_settings(checkpoint)
         path = self._trainer.ckpt_path if self._trainer is not None else "the checkpoint"
