@@ -387,7 +387,8 @@ def sampler_label(objective: str, sampler: dict[str, Any]) -> str:
     method = sampler["method"]
     if method == "euler":
         return f"FM Euler (shift {sampler.get('shift', 2.0):g})"
-    extra = {"gd": f"eta {sampler['eta']:g}", "nesterov": f"eta {sampler['eta']:g}, mu {sampler.get('mu', 0.3):g}",
+    step = f"eta {sampler['eta']:g}" if "eta" in sampler else f"{sampler.get('schedule', 'noise')} schedule"
+    extra = {"gd": step, "nesterov": f"{step}, mu {sampler.get('mu', 0.3):g}",
              "adaptive": f"threshold {sampler.get('threshold', 0.01):g}, x = mean NFE used"}.get(method, "")
     name = {"gd": "GD", "nesterov": "Nesterov", "adaptive": "adaptive"}.get(method, method)
     return f"{LABELS[objective]} {name} ({extra})"

@@ -276,9 +276,10 @@ class DCSSDAE(nn.Module):
 
     def pred(self, x_t: torch.Tensor, z: torch.Tensor, *time: torch.Tensor) -> torch.Tensor:
         """The decoder's output as the corruption's prediction (EqM field f, FM velocity v) at x_t, given the raw
-        latent z (and FM's time t): the `fn` every sampler evaluates. The network runs in the weights' dtype; the
-        prediction comes back in x_t's (the sampler's float32 state)."""
-        return self.corruption.pred(x_t, self.network()(x_t.to(self.dtype), z, *time)).to(x_t.dtype)
+        latent z (and FM's time t): the `fn` every sampler evaluates. The network runs in z's dtype (the weights'
+        dtype, from `raw_latent`; the compute dtype under diffusers' layerwise casting, whose stored weights may be
+        fp8); the prediction comes back in x_t's (the sampler's float32 state)."""
+        return self.corruption.pred(x_t, self.network()(x_t.to(z.dtype), z, *time)).to(x_t.dtype)
 
     def reconstruct(self, x: torch.Tensor, pad: bool = False, **decode_kwargs) -> torch.Tensor:
         """decode(encode(x)) with the posterior mean. With `pad`, any H x W: x is reflect-padded at the bottom and

@@ -159,6 +159,11 @@ def test_slurm_script_tasks_get_their_ranks_through_lightnings_slurm_environment
     # no ckpt_path
     arguments = [command[2], str(ROOT / command[3]), "--config", str(ROOT / "tests" / "configs" / "cpu_tiny.yaml"),
                  *command[4:8], "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    # a Trainer of global rank r sets rank_zero_only.rank = r for the process: restored after the test, or every
+    # later test of this process would lose its rank-zero warnings
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     for rank in (0, 9, nodes * tasks - 1):
         monkeypatch.setenv("SLURM_PROCID", str(rank))
         monkeypatch.setenv("SLURM_LOCALID", str(rank % tasks))

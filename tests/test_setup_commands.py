@@ -23,7 +23,7 @@ INSTALL = "python3 -m venv .venv && .venv/bin/pip install -q --no-cache-dir -e '
 
 
 def test_quickstart_and_test_create_the_environment_when_it_is_missing(tmp_path):
-    assert would_run(tmp_path, "test") == [INSTALL, "OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q"]
+    assert would_run(tmp_path, "test") == [INSTALL, "OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -m \"not slow\""]
     quickstart = would_run(tmp_path, "quickstart")
     assert quickstart[0] == INSTALL
     assert quickstart[1].startswith(".venv/bin/python -m dcssdae.cli fit --config configs/quickstart.yaml")
@@ -35,10 +35,10 @@ def test_quickstart_and_test_create_the_environment_when_it_is_missing(tmp_path)
 def test_an_existing_environment_is_used_as_it_is(tmp_path):
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     (tmp_path / ".venv" / "bin" / "dcssdae").touch()
-    assert would_run(tmp_path, "test") == ["OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q"]
+    assert would_run(tmp_path, "test") == ["OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -m \"not slow\""]
     assert INSTALL not in would_run(tmp_path, "quickstart")
     # a Python given on the command line is not replaced by a new environment
-    assert would_run(tmp_path / ".venv", "test", "PY=python") == ["OMP_NUM_THREADS=1 python -m pytest -q"]
+    assert would_run(tmp_path / ".venv", "test", "PY=python") == ["OMP_NUM_THREADS=1 python -m pytest -q -m \"not slow\""]
 
 
 def test_ci_runs_the_readme_test_command():
