@@ -20,7 +20,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from dcssdae.datasets import (  # noqa: F401 (re-exported)
+    PositionedLoader,
     TrainingDataError,
+    TrainingPosition,
     TrainShards,
     ValShards,
     _dist_rank_world,
@@ -84,7 +86,7 @@ def _resolve_default(train: str | list[str] | None, val: str | list[str] | None,
                  for stage, given in (("train", train), ("val", val), ("test", test)))
 
 
-class ImageNetDataModule(L.LightningDataModule):
+class ImageNetDataModule(TrainingPosition, L.LightningDataModule):
     """ImageNet (or any image set) from WebDataset shards, as `{"image", "label", "key"}` batches.
 
     Training streams shards drawn with replacement (every rank and worker sees different data, and an
@@ -256,7 +258,7 @@ class ImageNetDataModule(L.LightningDataModule):
             self.aug_color,
             self.aug_permute,
         )
-        return _PositionedLoader(
+        return PositionedLoader(
             dataset,
             self._train_start,
             num_workers=self.num_workers,
@@ -295,45 +297,4 @@ class ImageNetDataModule(L.LightningDataModule):
         """`dcssdae predict`: the validation images, each exactly once across ranks (as for validation)."""
         return self.val_dataloader()
 
-    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Move the per-batch skip count into `skipped_samples` and note the training position, leaving
-        {"image", "label", "key"}. (Called as each batch reaches the model, after any prefetching.)"""
-        skipped, epoch, index = batch.pop("skipped", 0), batch.pop("epoch", None), batch.pop("index", None)
-        trainer = self.trainer
-        training = trainer is not None and trainer.training
-        if skipped:
-            self.skipped_samples["train" if training else "val"] += int(skipped)
-        if training and epoch is not None:
-            self.train_position = (int(epoch), int(index) + 1)
-        return batch
 
-    def state_dict(self) -> dict:
-        return {"train_position": list(self.train_position), "skipped_samples": dict(self.skipped_samples)}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if "train_position" in state_dict:
-            self.train_position = self.resume_position = tuple(int(v) for v in state_dict["train_position"])
-        self.skipped_samples.update(state_dict.get("skipped_samples", {}))
-
-
-class _PositionedLoader(DataLoader):
-    """The training DataLoader: before each iteration it tells its `TrainShards` where to start (through
-    shared memory, so persistent workers see it too): `start()` -> (epoch, first batch), or None."""
-
-    def __init__(self, dataset: TrainShards, start, batch_size: None = None, **kwargs):
-        super().__init__(dataset, batch_size=batch_size, **kwargs)  # TrainShards batches in its workers
-        self.start = start
-
-    def __iter__(self):
-        position = self.start()
-        if position is not None:
-            self.dataset.set_position(*position)
-        return super().__iter__()
-
-    # Lightning's "stateful loader" protocol, so that it knows this loader resumes mid-epoch (and does not warn
-    # otherwise). The position itself is saved and restored by ImageNetDataModule.state_dict / load_state_dict.
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        pass

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dcssdae.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, train_transform, val_transform
 
@@ -358,3 +358,57 @@ class TrainShards(IterableDataset):
             if len(images) == self.batch_size:
                 yield {**collate(images, labels, keys), "skipped": skipped, "epoch": epoch, "index": index}
                 images, labels, keys, skipped, index = [], [], [], 0, index + num_streams
+
+
+# ------------------------------------------------------------------------------------------------
+# Resuming mid-epoch: the data module's position and skip counts, and the loader that hands the position to its
+# TrainShards (shared by the image and the latent data modules).
+
+
+class TrainingPosition:
+    """Mixin for a LightningDataModule over `TrainShards`: counts skipped samples and keeps the training position
+    (epoch, next batch) in its state_dict, so that a resumed run continues mid-epoch. The module's __init__ sets
+    `skipped_samples = {"train": 0, "val": 0}`, `train_position = (0, 0)` and `resume_position = None`."""
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Move the per-batch skip count into `skipped_samples` and note the training position, leaving the sample
+        fields. (Called as each batch reaches the model, after any prefetching.)"""
+        skipped, epoch, index = batch.pop("skipped", 0), batch.pop("epoch", None), batch.pop("index", None)
+        trainer = self.trainer
+        training = trainer is not None and trainer.training
+        if skipped:
+            self.skipped_samples["train" if training else "val"] += int(skipped)
+        if training and epoch is not None:
+            self.train_position = (int(epoch), int(index) + 1)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"train_position": list(self.train_position), "skipped_samples": dict(self.skipped_samples)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "train_position" in state_dict:
+            self.train_position = self.resume_position = tuple(int(v) for v in state_dict["train_position"])
+        self.skipped_samples.update(state_dict.get("skipped_samples", {}))
+
+
+class PositionedLoader(DataLoader):
+    """The training DataLoader: before each iteration it tells its `TrainShards` where to start (through
+    shared memory, so persistent workers see it too): `start()` -> (epoch, first batch), or None."""
+
+    def __init__(self, dataset: TrainShards, start, batch_size: None = None, **kwargs):
+        super().__init__(dataset, batch_size=batch_size, **kwargs)  # TrainShards batches in its workers
+        self.start = start
+
+    def __iter__(self):
+        position = self.start()
+        if position is not None:
+            self.dataset.set_position(*position)
+        return super().__iter__()
+
+    # Lightning's "stateful loader" protocol, so that it knows this loader resumes mid-epoch (and does not warn
+    # otherwise). The position itself is saved and restored by the data module's state_dict / load_state_dict.
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass

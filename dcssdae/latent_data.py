@@ -32,7 +32,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from dcssdae.datasets import (
+    PositionedLoader,
     TrainingDataError,
+    TrainingPosition,
     TrainShards,
     ValShards,
     _dist_rank_world,
@@ -220,7 +222,7 @@ def read_stats(urls: list[str], stats: str | None) -> dict:
                                 "stats.json beside the shards, or pass stats=PATH") from None
 
 
-class LatentDataModule(L.LightningDataModule):
+class LatentDataModule(TrainingPosition, L.LightningDataModule):
     """Latent shards of `dcssdae latents` as `{"latent": (B, C, h, w) float32, "label": (B,) long, "key": list}`
     batches, for training a latent diffusion model (DDP: every rank its own training stream, validation split
     exactly over ranks; see the module docstring). `scaling` maps the model's latents back to raw ones."""
@@ -310,7 +312,7 @@ class LatentDataModule(L.LightningDataModule):
         batches = math.ceil(math.ceil(epoch_size / (world_size * self.batch_size)) / workers) * workers
         dataset = LatentTrainShards(self.train_urls, self.batch_size, batches, self.scaling, self.sample_posterior,
                                     self.flip, buffer, self.seed, rank)
-        return _PositionedLoader(dataset, self._train_start, num_workers=self.num_workers, pin_memory=self.pin_memory,
+        return PositionedLoader(dataset, self._train_start, num_workers=self.num_workers, pin_memory=self.pin_memory,
                                  persistent_workers=self.num_workers > 0)
 
     def _train_start(self) -> tuple[int, int] | None:
@@ -332,40 +334,3 @@ class LatentDataModule(L.LightningDataModule):
                                   self.num_workers)
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)
-
-    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Count skipped samples and note the training position, leaving {"latent", "label", "key"}."""
-        skipped, epoch, index = batch.pop("skipped", 0), batch.pop("epoch", None), batch.pop("index", None)
-        training = self.trainer is not None and self.trainer.training
-        self.skipped_samples["train" if training else "val"] += int(skipped)
-        if training and epoch is not None:
-            self.train_position = (int(epoch), int(index) + 1)
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"train_position": list(self.train_position), "skipped_samples": dict(self.skipped_samples)}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if "train_position" in state_dict:
-            self.train_position = self.resume_position = tuple(int(v) for v in state_dict["train_position"])
-        self.skipped_samples.update(state_dict.get("skipped_samples", {}))
-
-
-class _PositionedLoader(DataLoader):
-    """Before each iteration, tells its dataset where to start (`start()` -> (epoch, first batch) or None)."""
-
-    def __init__(self, dataset: LatentTrainShards, start, **kwargs):
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self.start = start
-
-    def __iter__(self):
-        position = self.start()
-        if position is not None:
-            self.dataset.set_position(*position)
-        return super().__iter__()
-
-    def state_dict(self) -> dict:  # Lightning's stateful-loader protocol; the position is the DataModule's state
-        return {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        pass

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
-from dcssdae.data import TrainShards, _PositionedLoader
+from dcssdae.data import PositionedLoader, TrainShards
 from dcssdae.shards import Item, write_shards
 
 
@@ -34,7 +34,7 @@ def test_train_stream_resumes_at_any_batch(tmp_path):
     urls = str(tmp_path / write_shards(items, tmp_path, "train", 6, progress=False)["pattern"])
     position = [None]
     stream = TrainShards(urls, 32, 1.5, batch_size=2, batches_per_rank=8, shuffle_buffer=4, seed=0, rank=0)
-    loader = _PositionedLoader(stream, lambda: position[0], num_workers=2, persistent_workers=True)
+    loader = PositionedLoader(stream, lambda: position[0], num_workers=2, persistent_workers=True)
     position[0] = (1, 0)
     epoch1 = [b for b in loader]
     assert [b["index"] for b in epoch1] == list(range(8)) and {b["epoch"] for b in epoch1} == {1}
