@@ -59,6 +59,13 @@ CPU_RUNS ?= $(RUNS)/cpu
 CPU_PHASE3_CKPT ?= $(CPU_RUNS)/phase3/checkpoints/last.ckpt
 CPU_DISTILL = $(PY) -m dcssdae.cli fit --config configs/cpu/distill.yaml --trainer.default_root_dir $(CPU_RUNS)/distill \
 	--model.init_from $(CPU_PHASE3_CKPT)
+CPU_STAGES = $(PY) benchmarks/compare_models.py \
+	--model "phase 1 (the quick-start), 16 steps=$(CPU_RUNS)/phase1/checkpoints/last.ckpt@16" \
+	--model "phase 1, 1 step=$(CPU_RUNS)/phase1/checkpoints/last.ckpt@1" \
+	--model "phase 2=$(CPU_RUNS)/phase2/checkpoints/last.ckpt" \
+	--model "phase 3 (teacher), 16 steps=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@16" \
+	--model "phase 3, 1 step=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@1" \
+	--model "distilled (export), 1 step=$(CPU_RUNS)/export@1"
 cpu-recipe: $(ENV)
 	$(PY) -m dcssdae.cli fit --config configs/quickstart.yaml --trainer.default_root_dir $(CPU_RUNS)/phase1
 	$(PY) -m dcssdae.cli fit --config configs/cpu/phase2.yaml --trainer.default_root_dir $(CPU_RUNS)/phase2 \
@@ -67,13 +74,7 @@ cpu-recipe: $(ENV)
 		--model.init_from $(CPU_RUNS)/phase2/checkpoints/last.ckpt
 	$(CPU_DISTILL)
 	$(PY) -m dcssdae.cli export $(CPU_RUNS)/distill/checkpoints/last.ckpt $(CPU_RUNS)/export
-	$(PY) benchmarks/compare_models.py --out $(CPU_RUNS)/stages \
-		--model "phase 1 (the quick-start), 16 steps=$(CPU_RUNS)/phase1/checkpoints/last.ckpt@16" \
-		--model "phase 1, 1 step=$(CPU_RUNS)/phase1/checkpoints/last.ckpt@1" \
-		--model "phase 2=$(CPU_RUNS)/phase2/checkpoints/last.ckpt" \
-		--model "phase 3 (teacher), 16 steps=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@16" \
-		--model "phase 3, 1 step=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@1" \
-		--model "distilled (export), 1 step=$(CPU_RUNS)/export@1"
+	$(CPU_STAGES) --out $(CPU_RUNS)/stages
 	$(PY) benchmarks/compare_models.py --out $(CPU_RUNS)/distill_crops --val-shards default:crops --size 128 \
 		--batch 24 --picture-rows 4 \
 		--model "teacher, 16 steps=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@16" \
@@ -82,13 +83,7 @@ cpu-recipe: $(ENV)
 
 # The CPU recipe's stages on the test photos (reported once; settings are chosen on dev, which cpu-recipe scores).
 cpu-recipe-test: $(ENV)
-	$(PY) benchmarks/compare_models.py --out $(CPU_RUNS)/stages_test --val-shards default:test \
-		--model "phase 1 (the quick-start), 16 steps=$(CPU_RUNS)/phase1/checkpoints/last.ckpt@16" \
-		--model "phase 1, 1 step=$(CPU_RUNS)/phase1/checkpoints/last.ckpt@1" \
-		--model "phase 2=$(CPU_RUNS)/phase2/checkpoints/last.ckpt" \
-		--model "phase 3 (teacher), 16 steps=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@16" \
-		--model "phase 3, 1 step=$(CPU_RUNS)/phase3/checkpoints/last.ckpt@1" \
-		--model "distilled (export), 1 step=$(CPU_RUNS)/export@1"
+	$(CPU_STAGES) --out $(CPU_RUNS)/stages_test --val-shards default:test
 
 # One-step distillation of the phase-3 model (GPU recipe), e.g. make distill PHASE3_CKPT=... ARGS="--trainer.devices 4"
 distill: $(ENV)
