@@ -96,7 +96,7 @@ cpu-distill: $(ENV)
 
 # The GPU recipe (phases 1-3, make distill, export, validate, latent statistics) at full network size and resolution,
 # a few steps each on the CPU, with random stand-ins for the LPIPS / DINOv2 weights: mechanics, memory and FLOPs per
-# phase, projected to the GPU batch, in $(RUNS)/rehearsal/report.json (900 CPU seconds, 9.5 GiB; docs/training.md).
+# phase, projected to the GPU batch, in $(RUNS)/rehearsal/report.json (6 min on 2 idle cores, 9.5 GiB; docs/training.md).
 rehearsal: $(ENV)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) benchmarks/rehearsal.py --out $(RUNS)/rehearsal
 
