@@ -77,7 +77,7 @@ def default_photo_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_cli(tmp_path_factory, request, default_photo_shards) -> TinyCLI:
     """A `TinyCLI` whose working directory (the current one during the module's tests) and default photo shards (a
-    copy of the session's) are made once per test module."""
+    copy of the shards `default_photo_shards` writes once per pytest run) are made once per test module."""
     work = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
     shutil.copytree(default_photo_shards, work / "data" / "photos", ignore=shutil.ignore_patterns(".lock"))
     with pytest.MonkeyPatch.context() as mp:
