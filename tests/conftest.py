@@ -66,7 +66,7 @@ class TinyCLI:
 
 @pytest.fixture(scope="session")
 def default_photo_shards(tmp_path_factory) -> Path:
-    """The default photo shards (train and dev), written once per test session; copy them, never write into them."""
+    """The default photo shards (train and dev), written once per pytest run; copy them, never write into them."""
     from dcssdae.photos import ensure_default_photos
 
     root = tmp_path_factory.mktemp("default_photos") / "photos"
