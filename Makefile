@@ -41,6 +41,7 @@ bench: $(ENV)
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_encode.py
 	$(PY) benchmarks/bench_checkpointing.py
+	$(PY) benchmarks/bench_startup.py
 
 bench-quality: $(ENV)   # EqM vs FM at equal budget on the default photos (~30 min on 2 cores); PNGs in runs/bench_quality
 	$(PY) benchmarks/bench_quality.py train --steps 500 --evals 4 --out $(RUNS)/bench_quality

@@ -269,14 +269,16 @@ def _versioned(logger) -> bool:
 
 
 def resume_log_folder(trainer: pl.Trainer, ckpt_path: str | None) -> None:
-    """Before `fit` resumes from `ckpt_path` (a file, or "last": the run's last.ckpt), give each logger the version
-    that the checkpoint's run used, so that the run goes on in its own log folder (not a new version_N). Loggers
-    whose root folder differs from the checkpoint's, and checkpoints that do not record it, are left alone."""
+    """Before `fit` resumes from `ckpt_path` (a file, or "last": the file the trainer resumes from, found by
+    checkpointing.last_checkpoint_in), give each logger the version that the checkpoint's run used, so that the run
+    goes on in its own log folder (not a new version_N). Loggers whose root folder differs from the checkpoint's, and
+    checkpoints that do not record it, are left alone."""
     if not ckpt_path or ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry"):
         return
     if ckpt_path == "last":
-        folder = getattr(trainer.checkpoint_callback, "dirpath", None)
-        ckpt_path = os.path.join(folder, "last.ckpt") if folder else None
+        from dcssdae.checkpointing import last_checkpoint_in
+
+        ckpt_path = last_checkpoint_in(getattr(trainer.checkpoint_callback, "dirpath", None))
     if not ckpt_path or not os.path.isfile(ckpt_path):
         return
     try:  # the loader proper reports a bad file; here it only means: no folder to go on in

@@ -11,7 +11,8 @@ the data is `ImageNetDataModule`. Always-on callbacks have their own top-level g
 `checkpoint` (ModelCheckpoint), `grid` (reconstructions at each validation), `throughput` (images/s).
 Config files compose: a file whose top level has `config: parent.yaml` (a path relative to the file, or a list of
 them) is read as `--config parent.yaml --config file.yaml`, so it only holds what differs from its parent and
-nested settings merge key by key (see `expand_config_includes`).
+nested settings merge key by key (see `expand_config_includes`). Help and mistakes in a command line are answered
+from a cached description of the parser before Lightning is imported (dcssdae.parser_cache).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-import re
 import sys
 import warnings
 from pathlib import Path
+
+from dcssdae.command_line import expand_config_includes, explain_error, innermost_reason
 
 # sub-command -> (module, one-line help). Each module exposes `main(argv: list[str]) -> int | None`.
 TOOLS = {
@@ -40,51 +42,6 @@ USAGE = "\n".join(
      "       (LightningCLI: `dcssdae fit --help` lists every option, `--print_config` the resolved run)"]
     + [f"       dcssdae {name:<13} {text}" for name, (_, text) in TOOLS.items()]
 )
-
-# ------------------------------------------------------------------------------------------------
-# Config includes. jsonargparse itself reads a `config:` key inside a file, but a nested group given after it
-# replaces the included group instead of merging into it; repeated --config (Lightning's documented way to compose
-# configs) merges. So the include is expanded here into repeated --config arguments, parents first.
-
-
-def expand_config_includes(args: list[str]) -> list[str]:
-    """Replace every `--config FILE` (or `-c`, `--config=FILE`) whose YAML has a top-level `config:` key by the
-    parent configs (recursively) followed by FILE's remaining settings (passed as a YAML string)."""
-    out, i = [], 0
-    while i < len(args):
-        arg = args[i]
-        if arg in ("--config", "-c") and i + 1 < len(args):
-            out += _expand_config(args[i + 1], ())
-            i += 2
-        elif arg.startswith("--config="):
-            out += _expand_config(arg.split("=", 1)[1], ())
-            i += 1
-        else:
-            out.append(arg)
-            i += 1
-    return out
-
-
-def _expand_config(value: str, chain: tuple[Path, ...]) -> list[str]:
-    import yaml
-
-    path = Path(value)
-    if not path.is_file():
-        return ["--config", value]  # a YAML string, or a missing file that the parser reports
-    settings = yaml.safe_load(path.read_text())
-    if not isinstance(settings, dict) or "config" not in settings:
-        return ["--config", value]
-    if path.resolve() in chain:
-        raise ValueError(f"config include cycle: {' -> '.join(map(str, chain + (path,)))}")
-    parents = settings.pop("config")
-    out = []
-    for parent in [parents] if isinstance(parents, str) else list(parents):
-        parent_path = path.parent / parent
-        if not parent_path.is_file():
-            raise FileNotFoundError(f"{path}: included config {parent!r} not found (looked for {parent_path})")
-        out += _expand_config(str(parent_path), chain + (path.resolve(),))
-    return out + ["--config", yaml.safe_dump(settings, sort_keys=False)] if settings else out
-
 
 # ------------------------------------------------------------------------------------------------
 # The LightningCLI.
@@ -154,6 +111,14 @@ def make_cli_class():
 
         def parse_arguments(self, parser, args) -> None:
             self.given_args = list(sys.argv[1:] if args is None else args)  # what the user typed
+            from dcssdae import parser_cache
+            from dcssdae.distill import DistillSystem
+            from dcssdae.system import DCSSDAESystem
+
+            # later commands check their command line from this description before importing Lightning
+            parser_cache.write(parser, {"dcssdae.system.DCSSDAESystem": DCSSDAESystem,
+                                        "dcssdae.distill.DistillSystem": DistillSystem}, model_argument_names(),
+                               self.given_args)
             super().parse_arguments(parser, args)
             preflight(self.config, self.command_line or self.given_args)
 
@@ -253,14 +218,12 @@ def model_defaults(class_path: str) -> dict:
 
 
 def last_checkpoint(config) -> str | None:
-    """The file `--ckpt_path last` names: the newest last.ckpt (or last-N.ckpt) in the checkpoint folder
-    (checkpoint.dirpath, else <trainer.default_root_dir>/checkpoints: see RunCheckpoint), as Lightning picks it."""
-    folder = (config.get("checkpoint") or {}).get("dirpath") or os.path.join(
-        (config.get("trainer") or {}).get("default_root_dir") or ".", "checkpoints")
-    if "://" in str(folder) or not Path(folder).is_dir():
-        return None
-    found = [p for p in Path(folder).iterdir() if p.suffix == ".ckpt" and re.match(r"^last(-\d+)?$", p.stem)]
-    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+    """The file `--ckpt_path last` names: checkpointing.last_checkpoint_in of the checkpoint folder (checkpoint.dirpath,
+    else <trainer.default_root_dir>/checkpoints: see RunCheckpoint)."""
+    from dcssdae.checkpointing import last_checkpoint_in
+
+    return last_checkpoint_in((config.get("checkpoint") or {}).get("dirpath") or os.path.join(
+        (config.get("trainer") or {}).get("default_root_dir") or ".", "checkpoints"))
 
 
 def reconcile_with_checkpoint(class_path: str, given: dict | None, hparams: dict, ckpt_path,
@@ -457,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0] in ("-h", "--help") and len(argv) == 1):  # no torch / Lightning import for this
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    from dcssdae import parser_cache
+
+    checked = parser_cache.check(argv)  # help, or a mistyped option, from the cached parser: no Lightning import
+    if checked is not None:
+        return checked
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from dcssdae.preflight import PreflightError
@@ -499,94 +467,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def explain_parse_errors(parser):
     """Replacement for `parser.error(message, ex)`: the error first, with the closest known option name, then a
-    one-line hint, instead of ~90 lines of usage before it (`--help` still prints the usage).
-
-    jsonargparse's message for a bad key under `model.init_args` ends at "Problem with given class_path ...:"; the
-    reason ("Option 'lrr' is not accepted") is the innermost cause, shown with the key it was found under. A parser
-    that raises instead of exiting (exit_on_error=False, JSONARGPARSE_DEBUG) raises with the same message.
-    """
+    one-line hint, instead of ~90 lines of usage before it (`--help` still prints the usage). A parser that raises
+    instead of exiting (exit_on_error=False, JSONARGPARSE_DEBUG) raises with the same message."""
     error = parser.error
 
     def explained(message: str, ex: BaseException | None = None):
-        cause = ex
-        while cause is not None and (cause.__cause__ or cause.__context__) is not None:
-            cause = cause.__cause__ or cause.__context__
-        reason = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
         if not parser.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            reason = innermost_reason(ex)
             return error(f"{reason}\n{message}" if reason and not message.startswith(reason) else message, ex)
+        lines, _, _ = explain_error(message, ex, parser, model_argument_names())
         command = getattr(ex, "subcommand_parser", None) or parser
-        key = option_key(message, ex)
-        wrong_type = re.fullmatch(r"Expected a (.+?)\. Got value: (.*)", reason, re.DOTALL)
-        if wrong_type and key:  # a value of the wrong type: name the option and what it takes
-            lines = [f"--{key} takes {_type_words(wrong_type.group(1))}, got {wrong_type.group(2)!r}"]
-        elif reason and not message.startswith(reason):
-            lines = [reason + (f" (under {key})" if key else "")]
-        else:
-            lines = message.strip().splitlines() or ["invalid arguments"]
-        guess = closest_option(message if not reason else f"{reason}\n{message}", command)
-        if guess:
-            lines[0] += f"; did you mean {guess}?"
         prog = command.prog.replace(" [options]", "")
         sys.stderr.write(f"{prog}: error: " + "\n".join(lines) + f"\n(`{prog} --help` lists every option)\n")
         parser.exit(2)
 
     return explained
-
-
-def option_key(message: str, ex: BaseException | None) -> str | None:
-    """The dotted option a parse error is about (`model.lr`), from the `Parser key "..."` of the message and of
-    each nested error (a model argument is a key under the key `model`); None if there is none."""
-    keys = []
-    texts = [message] + [str(e) for e in _error_chain(ex)]
-    for text in texts:
-        found = re.match(r'\s*Parser key "([^"]+)"', text)
-        if found and (not keys or keys[-1] != found.group(1)):
-            keys.append(found.group(1))
-    key = ".".join(keys).replace(".init_args.", ".")
-    return key or None
-
-
-def _error_chain(ex: BaseException | None) -> list[BaseException]:
-    chain = []
-    while ex is not None and len(chain) < 50:
-        chain.append(ex)
-        ex = ex.__cause__ or ex.__context__
-    return chain
-
-
-def _type_words(expected: str) -> str:
-    """jsonargparse's expected type in words: "<class 'float'>" -> "a float", "typing.Literal['a', 'b']" ->
-    "one of 'a', 'b'"."""
-    plain = re.fullmatch(r"<class '(?:builtins\.)?([\w.]+)'>", expected)
-    if plain:
-        name = plain.group(1)
-        return ("an " if name[:1] in "aeiou" else "a ") + name
-    literal = re.fullmatch(r"(?:typing\.)?Literal\[(.*)\]", expected)
-    if literal:
-        return f"one of {literal.group(1)}"
-    return expected
-
-
-def closest_option(message: str, parser) -> str | None:
-    """The known option nearest to the one a parse error names (difflib), as `--group.name`, or None.
-
-    Known: the parser's option strings and `--model.NAME` for every argument of DCSSDAESystem and DistillSystem
-    (in subclass mode the parser has no option per model argument)."""
-    import difflib
-
-    patterns = (r"Option '([^']+)' is not accepted", r"accept option '([^']+)'", r"nrecognized arguments: (\S+)")
-    found = next((m for m in (re.search(p, message) for p in patterns) if m), None)
-    if found is None:
-        return None
-    bad = found.group(1).lstrip("-")
-    where = re.search(r'Parser key "([^"]+)"', message)
-    if found.re.pattern == patterns[0] and where:  # a name under a group, e.g. "lrr" under "model"
-        bad = f"{where.group(1)}.{bad}"
-    bad = "--" + bad.replace(".init_args.", ".")
-    known = {option for action in parser._actions for option in action.option_strings if option.startswith("--")}
-    known |= {f"--model.{name}" for name in model_argument_names()}
-    match = difflib.get_close_matches(bad, sorted(known - {bad}), n=1, cutoff=0.6)
-    return match[0] if match else None
 
 
 def model_argument_names() -> list[str]:

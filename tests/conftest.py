@@ -3,6 +3,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Command lines are checked by the full LightningCLI parser; tests/test_parser_cache.py turns the cached check on.
+os.environ.setdefault("DCSSDAE_PARSER_CACHE", "0")
 
 import shutil
 import subprocess

@@ -321,3 +321,34 @@ def test_a_run_killed_while_writing_its_checkpoint_resumes_from_the_last_complet
 def test_first_ctrl_c_saves_a_checkpoint(tmp_path):
     _, out = stop_with(tmp_path, signal.SIGINT)
     assert "Interrupted: finishing the current step" in out
+
+
+def test_ckpt_path_last_names_the_same_file_for_the_settings_the_log_folder_and_the_trainer(tmp_path):
+    """`--ckpt_path last`: the settings restored (cli.last_checkpoint), the log folder continued
+    (callbacks.resume_log_folder) and the trainer's resume all take Lightning's choice, the newest last*.ckpt."""
+    import types
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from dcssdae.callbacks import resume_log_folder
+    from dcssdae.checkpointing import last_checkpoint_in
+    from dcssdae.cli import last_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    logs = str(tmp_path / "logs" / "lightning_logs")
+    for age, (name, version) in enumerate([("last-v1.ckpt", 3), ("last.ckpt", 1), ("epoch=0.ckpt", 0)]):
+        torch.save({"log_folders": [{"logger": "TensorBoardLogger", "root_dir": logs, "version": version}]},
+                   folder / name)
+        os.utime(folder / name, (1000 - age, 1000 - age))  # last-v1.ckpt is the newest
+    callback = ModelCheckpoint(dirpath=str(folder))
+    expected = str(folder / "last-v1.ckpt")
+    assert last_checkpoint_in(folder) == expected
+    assert last_checkpoint({"checkpoint": {"dirpath": str(folder)}}) == expected
+    assert last_checkpoint({"trainer": {"default_root_dir": str(tmp_path)}}) == expected  # <root>/checkpoints
+    assert last_checkpoint_in(tmp_path / "none") is None and last_checkpoint_in("s3://bucket/run") is None
+    trainer = types.SimpleNamespace(checkpoint_callback=callback, loggers=[TensorBoardLogger(str(tmp_path / "logs"))])
+    assert max(callback._find_last_checkpoints(trainer), key=os.path.getmtime) == expected  # Lightning's choice
+    resume_log_folder(trainer, "last")
+    assert trainer.loggers[0].version == 3
