@@ -1,7 +1,7 @@
 """Checking a command line before Lightning is imported, from a cached description of the `dcssdae` parser.
 
-Importing Lightning takes ~4 s on a laptop (torch, then torchmetrics, which imports torchvision and scipy.signal), so
-a mistyped option would be reported only after it. The full LightningCLI (dcssdae.cli) describes its parser to a
+Importing Lightning takes about 5 s on 2 CPU cores (torch, then torchmetrics, which imports torchvision and
+scipy.signal), so a mistyped option would be reported only after it. The full LightningCLI (dcssdae.cli) describes its parser to a
 cache file the first time it runs after an install or a change of the code: every option with its type and default,
 the arguments of the model classes, the help texts. Later commands rebuild an equivalent jsonargparse parser from the
 description (no torch, no Lightning) and parse the command line with it first:
@@ -90,10 +90,13 @@ class _Opaque(Exception):
 def type_source(hint, classes: dict[type, str]) -> str:
     """Python source for a type hint made of builtins, typing constructs and `classes` (name in the source);
     raises _Opaque for anything else."""
-    if isinstance(hint, type) and hint in classes:
-        return classes[hint]
-    if hint in _BUILTINS:
-        return _BUILTINS[hint]
+    try:
+        if isinstance(hint, type) and hint in classes:
+            return classes[hint]
+        if hint in _BUILTINS:
+            return _BUILTINS[hint]
+    except TypeError:  # an unhashable hint
+        raise _Opaque(hint) from None
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Union or isinstance(hint, types.UnionType):
         return f"typing.Union[{', '.join(type_source(a, classes) for a in args)}]"
@@ -224,9 +227,44 @@ class _NoOtherImports:
         raise ImportError(f"{name} is not imported while the command line is checked from the cached description")
 
 
-def _class_source(path: str, spec: dict) -> str:
-    """Python source of a model class's stand-in: its described arguments, typed and with their defaults."""
+# A description is data: the types and defaults it holds are checked to be made only of these names, attribute
+# and subscript access, tuples and constants before they are evaluated.
+_TYPE_NAMES = {"typing": typing, "pathlib": pathlib, "datetime": datetime, "collections": collections,
+               "NoneType": type(None), **{t.__name__: t for t in (int, float, bool, str, bytes, dict, list, tuple, set,
+                                                                   type)}}
+
+
+def _checked(source: str, names: set[str]) -> ast.Expression:
+    """The expression `source` (a type, as type_source writes it), refused unless it is made of `names`, public
+    attributes, subscripts, tuples and constants."""
+    tree = ast.parse(source, mode="eval")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            ok = node.id in names
+        elif isinstance(node, ast.Attribute):
+            ok = not node.attr.startswith("_")
+        else:
+            ok = isinstance(node, (ast.Expression, ast.Subscript, ast.Tuple, ast.Constant, ast.Load))
+        if not ok:
+            raise ValueError(f"not a type of a parser description: {source!r}")
+    return tree
+
+
+def _type(source: str, namespace: dict):
+    return eval(compile(_checked(source, set(namespace)), "<type>", "eval"), {"__builtins__": {}}, namespace)
+
+
+def _class_source(path: str, spec: dict, class_names: set[str]) -> str:
+    """Python source of a model class's stand-in: its described arguments, typed and with their defaults (each
+    checked: names are identifiers, types made of known names, defaults literals)."""
     name, base = path.rpartition(".")[2], spec["base"]
+    for param in spec["params"]:
+        _checked(param["type"] or "typing.Any", set(_TYPE_NAMES) | class_names)
+        ast.literal_eval(param["default"])
+        if not param["name"].isidentifier():
+            raise ValueError(f"not an argument name: {param['name']!r}")
+    if not all(part.isidentifier() for part in f"{path}.{base or 'object'}".split(".")):
+        raise ValueError(f"not a class path: {path!r}")
     lines = ["import typing, pathlib, datetime, collections.abc", "NoneType = type(None)"]
     if base:
         lines.append(f"from {base.rpartition('.')[0]} import {base.rpartition('.')[2]}")
@@ -253,7 +291,7 @@ def _stand_in_models(classes: dict):
         for path in order:
             module = types.ModuleType(path.rpartition(".")[0])
             module.__file__ = f"<dcssdae: described arguments of {path}>"
-            source = _class_source(path, classes[path])
+            source = _class_source(path, classes[path], {p.rpartition(".")[2] for p in classes})
             linecache.cache[module.__file__] = (len(source), None, source.splitlines(True), module.__file__)
             filenames.append(module.__file__)  # (jsonargparse reads the source for the arguments' docs)
             sys.modules[module.__name__] = module
@@ -275,8 +313,7 @@ def _build(description: dict, subcommand: str, error):
     from jsonargparse import ActionConfigFile, ArgumentParser
     from jsonargparse._actions import _ActionConfigLoad
 
-    namespace = {"typing": typing, "pathlib": pathlib, "datetime": datetime, "collections": collections,
-                 "NoneType": type(None)}
+    namespace = dict(_TYPE_NAMES)
     for path in description["classes"]:
         module, _, name = path.rpartition(".")
         namespace[name] = getattr(sys.modules[module], name)
@@ -294,7 +331,7 @@ def _build(description: dict, subcommand: str, error):
             opaque.append(action["dest"])
             sub.add_argument(*action["options"], type=typing.Any, default=action["default"])
         else:
-            hint = eval(action["type"], namespace)
+            hint = _type(action["type"], namespace)
             sub.add_argument(*action["options"], type=hint, default=action["default"])
     subcommands.add_subcommand(subcommand, sub)
     for path, spec in description["classes"].items():

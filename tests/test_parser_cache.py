@@ -166,14 +166,21 @@ def test_a_model_class_from_another_module_is_left_to_the_full_parser_unimported
     assert sys.modules["dcssdae.system"] is real and dcssdae.system.DCSSDAESystem.__module__ == "dcssdae.system"
 
 
-def test_help_is_the_full_parsers(cached, capsys):
-    status, _, out = check(capsys, ["fit", "--help"])
-    assert status == 0
-    with pytest.raises(SystemExit) as stopped, pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DCSSDAE_PARSER_CACHE", "0")
-        cli.main(["fit", "--help"])
-    assert stopped.value.code == 0
-    assert out == capsys.readouterr().out and "--trainer.max_steps" in out and "model arguments" in out
+def test_help_is_the_full_parsers(tmp_path):
+    """`dcssdae fit --help` as a new user runs it twice: the first run (the full parser) writes the description, the
+    second prints the help from it; the same text. (In new processes: the help lists the subclasses of the classes
+    it names that are imported, which depends on what ran before in a process.)"""
+    env = {**os.environ, "DCSSDAE_CACHE_DIR": str(tmp_path), "DCSSDAE_PARSER_CACHE": "1", "COLUMNS": "100",
+           "PYTHONPATH": str(ROOT)}
+    code = ("import sys\nfrom dcssdae.cli import main\ntry:\n    code = main(['fit', '--help'])\n"
+            "except SystemExit as stopped:\n    code = stopped.code\n"
+            "sys.stderr.write(f'LIGHTNING {\"lightning\" in sys.modules} {code}')")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                           timeout=300, check=False) for _ in range(2)]
+    assert [r.stderr[-20:] for r in runs] == ["LIGHTNING True 0", "LIGHTNING False 0"], runs[0].stderr[-2000:]
+    assert runs[1].stdout == runs[0].stdout and "--trainer.max_steps" in runs[0].stdout
+    assert "model arguments" in runs[0].stdout
+    assert len(list(tmp_path.glob("parser-*.json"))) == 1
 
 
 def test_help_at_another_terminal_width_is_added_by_the_full_parser(cached, capsys, monkeypatch):
@@ -261,3 +268,26 @@ def test_the_startup_benchmark_times_both_ways(tmp_path):
     assert row["command"] == "dcssdae fit --help" and row["exit_code"] == 0 and row["same_exit_code"]
     assert row["cached_s"] > 0 and row["full_s"] > 0 and row["ratio"] == pytest.approx(
         row["cached_s"] / row["full_s"], rel=0.01, abs=0.002)
+
+
+@pytest.mark.parametrize("where", ["option", "model argument", "model default"])
+def test_a_tampered_description_is_not_run(cached, capsys, tmp_path, where):
+    """A description is data: a type or default that is not one (here code that writes a file) is refused, and the
+    full parser checks the command line."""
+    marker = tmp_path / "ran"
+    code = f"(open({str(marker)!r}, 'w'), int)[1]"
+    path = parser_cache.cache_file()
+    original = path.read_text()
+    description = json.loads(original)
+    if where == "option":
+        action = next(a for a in description["subcommands"]["fit"]["actions"] if a.get("dest") == "trainer.max_steps")
+        action["type"] = code
+    else:
+        param = description["classes"]["dcssdae.system.DCSSDAESystem"]["params"][0]
+        param["type" if where == "model argument" else "default"] = code
+    try:
+        path.write_text(json.dumps(description))
+        assert check(capsys, ["fit", *QUICKSTART, "--model.lr", "fast"]) == (None, "", "")
+    finally:
+        path.write_text(original)
+    assert not marker.exists()
