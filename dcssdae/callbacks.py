@@ -278,7 +278,7 @@ def resume_log_folder(trainer: pl.Trainer, ckpt_path: str | None) -> None:
     if ckpt_path == "last":
         from dcssdae.checkpointing import last_checkpoint_in
 
-        ckpt_path = last_checkpoint_in(getattr(trainer.checkpoint_callback, "dirpath", None))
+        ckpt_path = last_checkpoint_in(*(getattr(c, "dirpath", None) for c in trainer.checkpoint_callbacks))
     if not ckpt_path or not os.path.isfile(ckpt_path):
         return
     try:  # the loader proper reports a bad file; here it only means: no folder to go on in

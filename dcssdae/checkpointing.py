@@ -196,13 +196,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint(path, map_location, weights_only=True if weights_only is None else weights_only)
 
 
-def last_checkpoint_in(folder: str | os.PathLike | None) -> str | None:
-    """The file `--ckpt_path last` resumes from in a checkpoint folder, as Lightning picks it: the newest (by
-    modification time) `.ckpt` whose name starts with "last" (last.ckpt, last-N.ckpt, last-vN.ckpt); None when
-    there is none or the folder is remote."""
-    if not folder or "://" in str(folder) or not Path(folder).is_dir():
-        return None
-    found = [p for p in Path(folder).iterdir() if p.suffix == ".ckpt" and re.match(r"^last(-(\d+))?", p.stem)]
+def last_checkpoint_in(*folders: str | os.PathLike | None) -> str | None:
+    """The file `--ckpt_path last` resumes from, as Lightning picks it among the checkpoint folders (one per
+    ModelCheckpoint): the newest, by modification time, `.ckpt` whose name starts with "last" (last.ckpt,
+    last-N.ckpt, last-vN.ckpt: Lightning's pattern matches every such name). None when there is none; remote folders
+    are not looked in."""
+    found = [p for folder in folders if folder and "://" not in str(folder) and Path(folder).is_dir()
+             for p in Path(folder).iterdir() if p.suffix == ".ckpt" and p.stem.startswith("last")]
     return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 

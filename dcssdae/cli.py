@@ -112,13 +112,9 @@ def make_cli_class():
         def parse_arguments(self, parser, args) -> None:
             self.given_args = list(sys.argv[1:] if args is None else args)  # what the user typed
             from dcssdae import parser_cache
-            from dcssdae.distill import DistillSystem
-            from dcssdae.system import DCSSDAESystem
 
             # later commands check their command line from this description before importing Lightning
-            parser_cache.write(parser, {"dcssdae.system.DCSSDAESystem": DCSSDAESystem,
-                                        "dcssdae.distill.DistillSystem": DistillSystem}, model_argument_names(),
-                               self.given_args)
+            parser_cache.write(parser, model_classes(), model_argument_names(), self.given_args)
             super().parse_arguments(parser, args)
             preflight(self.config, self.command_line or self.given_args)
 
@@ -484,12 +480,17 @@ def explain_parse_errors(parser):
     return explained
 
 
-def model_argument_names() -> list[str]:
-    """Constructor arguments of the model classes (DCSSDAESystem, then what DistillSystem adds)."""
+def model_classes() -> dict[str, type]:
+    """The model classes of this package by class path: DCSSDAESystem, then its subclass DistillSystem."""
     from dcssdae.distill import DistillSystem
     from dcssdae.system import DCSSDAESystem
 
-    names = [p for cls in (DCSSDAESystem, DistillSystem) for p in inspect.signature(cls.__init__).parameters]
+    return {"dcssdae.system.DCSSDAESystem": DCSSDAESystem, "dcssdae.distill.DistillSystem": DistillSystem}
+
+
+def model_argument_names() -> list[str]:
+    """Constructor arguments of the model classes (DCSSDAESystem, then what DistillSystem adds)."""
+    names = [p for cls in model_classes().values() for p in inspect.signature(cls.__init__).parameters]
     return [n for n in dict.fromkeys(names) if n not in ("self", "args", "kwargs")]
 
 

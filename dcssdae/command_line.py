@@ -39,7 +39,13 @@ def _expand_config(value: str, chain: tuple[Path, ...]) -> list[str]:
     path = Path(value)
     if not path.is_file():
         return ["--config", value]  # a YAML string, or a missing file that the parser reports
-    settings = yaml.safe_load(path.read_text())
+    try:
+        settings = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(error, "problem", None) or " ".join(str(error).split())
+        raise ValueError(f"config {path}: not valid YAML{where}: {problem}") from None
     if not isinstance(settings, dict) or "config" not in settings:
         return ["--config", value]
     if path.resolve() in chain:
@@ -84,9 +90,8 @@ def explain_error(message: str, ex: BaseException | None, parser,
         lines = [reason + (f" (under {key})" if key else "")]
     else:
         lines = message.strip().splitlines() or ["invalid arguments"]
-    text = message if not reason else f"{reason}\n{message}"
-    unknown = unknown_options(text)
-    guess = closest_option(text, command, model_names)
+    unknown = unknown_options(message if not reason else f"{reason}\n{message}")
+    guess = closest_option(unknown, command, model_names)
     if guess:
         lines[0] += f"; did you mean {guess}?"
     if wrong_type and key:
@@ -149,12 +154,11 @@ def unknown_options(message: str) -> list[str]:
     return ["--" + n.lstrip("-").split("=", 1)[0].replace(".init_args.", ".") for n in names]
 
 
-def closest_option(message: str, parser, model_names: list[str]) -> str | None:
-    """The known option nearest to the (first) one a parse error names (difflib), as `--group.name`, or None.
-    Known: the parser's option strings and `--model.NAME` for each of `model_names`."""
+def closest_option(unknown: list[str], parser, model_names: list[str]) -> str | None:
+    """The known option nearest to the first of `unknown` (unknown_options of a parse error; difflib), as
+    `--group.name`, or None. Known: the parser's option strings and `--model.NAME` for each of `model_names`."""
     import difflib
 
-    unknown = unknown_options(message)
     if not unknown:
         return None
     bad = unknown[0]

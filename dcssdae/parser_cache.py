@@ -14,22 +14,24 @@ description (no torch, no Lightning) and parse the command line with it first:
   left to it.
 
 An option whose type names a class outside the standard library (a Lightning callback, a corruption, a dataclass) is
-described as `Any`: this check never refuses what the full parser accepts. The cache file's name is a fingerprint of
-the package's source and of the Python, jsonargparse and Lightning versions, so a changed signature is never checked
-against a stale description. `DCSSDAE_PARSER_CACHE=0` turns the check off; `DCSSDAE_CACHE_DIR` moves the cache
-(default: `$XDG_CACHE_HOME/dcssdae`, else `~/.cache/dcssdae`).
+described as `Any`, so that the check does not refuse what the full parser accepts (tests/test_parser_cache.py
+compares both on every shipped config and on overrides of every kind). When jsonargparse's environment settings change
+how a command line is read (JSONARGPARSE_DEFAULT_ENV: options from environment variables, whose names differ between
+the two parsers; JSONARGPARSE_DEBUG) the check steps aside. The cache file's name is a fingerprint of the package's
+source and of the Python, jsonargparse, Lightning and torch versions, so a changed signature is never checked against
+a stale description. `DCSSDAE_PARSER_CACHE=0` turns the check off; `DCSSDAE_CACHE_DIR` moves the cache (default:
+`$XDG_CACHE_HOME/dcssdae`, else `~/.cache/dcssdae`).
 """
 
 from __future__ import annotations
 
-import ast
 import collections.abc
 import contextlib
 import datetime
+import functools
 import hashlib
 import inspect
 import json
-import linecache
 import os
 import pathlib
 import re
@@ -63,54 +65,79 @@ def fingerprint(root: Path | None = None) -> str:
     return digest.hexdigest()[:24]
 
 
+def _environment_changes_parsing() -> bool:
+    """Whether jsonargparse reads options from environment variables (named after each parser's prog, so not the
+    same for the rebuilt parser) or raises instead of reporting."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("JSONARGPARSE_DEFAULT_ENV", "JSONARGPARSE_DEBUG"))
+
+
 def cache_file() -> Path | None:
     """The description for this code and these versions (it may not exist yet); None when the check is off."""
-    if os.environ.get("DCSSDAE_PARSER_CACHE", "1") in ("0", "false", "no"):
+    if os.environ.get("DCSSDAE_PARSER_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     folder = os.environ.get("DCSSDAE_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dcssdae")
-    return Path(folder) / f"parser-{fingerprint()}.json"
+    return Path(folder) / f"parser-{_this_fingerprint()}.json"
+
+
+@functools.cache
+def _this_fingerprint() -> str:  # (read once per process: the check and the full parser both ask)
+    return fingerprint()
 
 
 # ------------------------------------------------------------------------------------------------
 # Describing the full parser (called by the LightningCLI once it has built its parser).
 
-_BUILTINS = {int: "int", float: "float", bool: "bool", str: "str", bytes: "bytes", dict: "dict", list: "list",
-             tuple: "tuple", set: "set", type(None): "NoneType", pathlib.Path: "pathlib.Path",
-             datetime.timedelta: "datetime.timedelta", typing.Any: "typing.Any"}
-_GENERICS = {list: "list", dict: "dict", tuple: "tuple", set: "set", collections.abc.Sequence: "collections.abc.Sequence",
-             collections.abc.Mapping: "collections.abc.Mapping", collections.abc.Iterable: "collections.abc.Iterable",
-             type: "type"}
+# A type in a description is JSON: a name of _NAMED, a described model class ("model:<class path>"), or
+# [construct, argument, ...] with a construct of _CONSTRUCTS (Literal's arguments are the values themselves). Anything
+# else is "not rebuilt" (None in the description, `Any` in the rebuilt parser).
+_NAMED = {"int": int, "float": float, "bool": bool, "str": str, "bytes": bytes, "dict": dict, "list": list,
+          "tuple": tuple, "set": set, "type": type, "NoneType": type(None), "Path": pathlib.Path,
+          "timedelta": datetime.timedelta, "Any": typing.Any, "...": Ellipsis}
+_CONSTRUCTS = {"Union": typing.Union, "Literal": typing.Literal, "list": list, "dict": dict, "tuple": tuple,
+               "set": set, "type": type, "Sequence": collections.abc.Sequence, "Mapping": collections.abc.Mapping,
+               "Iterable": collections.abc.Iterable}
 
 
 class _Opaque(Exception):
     """A type this check does not rebuild (it names a class outside the standard library)."""
 
 
-def type_source(hint, classes: dict[type, str]) -> str:
-    """Python source for a type hint made of builtins, typing constructs and `classes` (name in the source);
-    raises _Opaque for anything else."""
+def encode_type(hint, classes: dict[type, str]):
+    """`hint` as JSON (see _NAMED, _CONSTRUCTS); `classes`: {model class: its class path}. Raises _Opaque for a type
+    that names any other class."""
     try:
-        if isinstance(hint, type) and hint in classes:
-            return classes[hint]
-        if hint in _BUILTINS:
-            return _BUILTINS[hint]
+        if hint in classes:
+            return f"model:{classes[hint]}"
     except TypeError:  # an unhashable hint
         raise _Opaque(hint) from None
+    named = next((name for name, value in _NAMED.items() if hint is value), None)
+    if named is not None:
+        return named
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union or isinstance(hint, types.UnionType):
-        return f"typing.Union[{', '.join(type_source(a, classes) for a in args)}]"
-    if origin is typing.Literal:
-        if not all(isinstance(a, (str, int, float, bool, type(None))) for a in args):
-            raise _Opaque(hint)
-        return f"typing.Literal[{', '.join(repr(a) for a in args)}]"
-    if origin in _GENERICS and args:
-        inner = ", ".join("..." if a is Ellipsis else type_source(a, classes) for a in args)
-        return f"{_GENERICS[origin]}[{inner}]"
-    raise _Opaque(hint)
+    if origin is typing.Literal and all(_json_value(a)[0] for a in args):
+        return ["Literal", *args]
+    if isinstance(hint, types.UnionType):
+        origin = typing.Union
+    construct = next((name for name, value in _CONSTRUCTS.items() if origin is value and name != "Literal"), None)
+    if construct is None or not args:
+        raise _Opaque(hint)
+    return [construct, *(encode_type(a, classes) for a in args)]
 
 
-def _literal(value) -> tuple[bool, object]:
+def decode_type(encoded, classes: dict[str, type]):
+    """The type `encoded` (encode_type's JSON) names; `classes`: {class path: model class (stand-in)}. A name that is
+    not in the tables raises KeyError."""
+    if isinstance(encoded, str):
+        return classes[encoded[len("model:"):]] if encoded.startswith("model:") else _NAMED[encoded]
+    name, *args = encoded
+    if name != "Literal":
+        args = [decode_type(a, classes) for a in args]
+    return _CONSTRUCTS[name][tuple(args) if len(args) > 1 else args[0]]
+
+
+def _json_value(value) -> tuple[bool, object]:
     """(True, value) when `value` survives JSON unchanged (so the rebuilt parser gets the same default)."""
     try:
         back = json.loads(json.dumps(value))
@@ -119,35 +146,35 @@ def _literal(value) -> tuple[bool, object]:
     return back == value and type(back) is type(value), back
 
 
+def _describe(name: str, hint, default, classes: dict[type, str]) -> dict:
+    """{name, type: encode_type's JSON or None (not rebuilt), default}: typed only with a default JSON keeps."""
+    ok, default = _json_value(default)
+    try:
+        encoded = encode_type(hint, classes) if ok else None
+    except _Opaque:
+        encoded = None
+    return {"name": name, "type": encoded, "default": default if encoded is not None else None}
+
+
 def describe_class(cls, classes: dict[type, str]) -> list[dict]:
-    """Every argument jsonargparse finds for `cls` (through **kwargs), as {name, type: source or None (Any),
-    default: Python source}. An argument whose type or default cannot be rebuilt is described as `Any = None`."""
+    """Every argument jsonargparse finds for `cls` (through **kwargs), described by _describe."""
     from jsonargparse._parameter_resolvers import get_signature_parameters
 
     params = {}
     for param in get_signature_parameters(cls, None, logger=False):
-        default = param.default
-        try:
-            ok = default is not inspect.Parameter.empty and ast.literal_eval(repr(default)) == default
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            ok = False
-        try:
-            hint = type_source(param.annotation, classes) if ok else None
-        except _Opaque:
-            hint = None
-        params.setdefault(param.name, {"name": param.name, "type": hint,
-                                       "default": repr(default) if hint is not None else "None"})
+        default = None if param.default is inspect.Parameter.empty else param.default
+        params.setdefault(param.name, _describe(param.name, param.annotation, default, classes))
     return list(params.values())
 
 
 def describe_parser(parser, model_classes: dict[str, type], model_names: list[str]) -> dict:
     """A JSON-able description of the LightningCLI parser: per sub-command its options in order (typed ones with
-    their type source or None and default; group loaders), the model classes' arguments and the help texts."""
+    their type, or None, and default; group loaders) and help texts; the model classes' arguments."""
     from jsonargparse import ActionConfigFile
     from jsonargparse._actions import _ActionConfigLoad
     from jsonargparse._typehints import ActionTypeHint
 
-    classes = {cls: path.rpartition(".")[2] for path, cls in model_classes.items()}
+    classes = {cls: path for path, cls in model_classes.items()}
     width = shutil.get_terminal_size().columns
     subcommands = {}
     for name, sub in parser._subcommands_action._name_parser_map.items():
@@ -158,13 +185,9 @@ def describe_parser(parser, model_classes: dict[str, type], model_names: list[st
             elif isinstance(action, _ActionConfigLoad):
                 actions.append({"kind": "group", "dest": action.dest, "options": action.option_strings})
             elif isinstance(action, ActionTypeHint):
-                ok, default = _literal(action.default)
-                try:
-                    hint = type_source(action._typehint, classes) if ok else None
-                except _Opaque:
-                    hint = None
+                described = _describe(action.dest, action._typehint, action.default, classes)
                 actions.append({"kind": "typed", "dest": action.dest, "options": action.option_strings,
-                                "type": hint, "default": default if hint is not None else None})
+                                "type": described["type"], "default": described["default"]})
         subcommands[name] = {"actions": actions, "help": {str(width): sub.format_help()}}
     bases = {path: next((p for p, c in model_classes.items() if c in cls.__mro__[1:]), None)
              for path, cls in model_classes.items()}
@@ -178,7 +201,7 @@ def write(parser, model_classes: dict[str, type], model_names: list[str], args: 
     terminal width the file has no help for, add it. Atomic; never fails the command."""
     try:
         path = cache_file()
-        if path is None:
+        if path is None or _environment_changes_parsing():  # (its help would list the environment variables)
             return
         width, subcommand = str(shutil.get_terminal_size().columns), args[0] if args else None
         if not path.is_file():
@@ -191,10 +214,10 @@ def write(parser, model_classes: dict[str, type], model_names: list[str], args: 
             helps[width] = parser._subcommands_action._name_parser_map[subcommand].format_help()
         else:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps(description))
-        os.replace(partial, path)
+        from dcssdae.atomic_files import atomic_file
+
+        with atomic_file(path, "w") as f:  # (several processes of one run may write it at once)
+            json.dump(description, f)
         for old in sorted(path.parent.glob("parser-*.json"), key=lambda p: p.stat().st_mtime)[:-8]:
             old.unlink(missing_ok=True)  # descriptions of earlier code (a few kept: several checkouts may share)
     except Exception:  # the cache only makes later commands start faster
@@ -227,76 +250,44 @@ class _NoOtherImports:
         raise ImportError(f"{name} is not imported while the command line is checked from the cached description")
 
 
-# A description is data: the types and defaults it holds are checked to be made only of these names, attribute
-# and subscript access, tuples and constants before they are evaluated.
-_TYPE_NAMES = {"typing": typing, "pathlib": pathlib, "datetime": datetime, "collections": collections,
-               "NoneType": type(None), **{t.__name__: t for t in (int, float, bool, str, bytes, dict, list, tuple, set,
-                                                                   type)}}
+def _stand_in(path: str, spec: dict, classes: dict[str, type]) -> type:
+    """A model class rebuilt from its described arguments (and its base, in `classes`): a class whose __init__ has
+    their names, types and defaults (it is never called: the check builds nothing)."""
+    module, _, name = path.rpartition(".")
+    self = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = [inspect.Parameter(p["name"], inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p["default"],
+                                annotation=typing.Any if p["type"] is None else decode_type(p["type"], classes))
+              for p in spec["params"]]
 
+    def __init__(self, *args, **kwargs):
+        pass
 
-def _checked(source: str, names: set[str]) -> ast.Expression:
-    """The expression `source` (a type, as type_source writes it), refused unless it is made of `names`, public
-    attributes, subscripts, tuples and constants."""
-    tree = ast.parse(source, mode="eval")
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name):
-            ok = node.id in names
-        elif isinstance(node, ast.Attribute):
-            ok = not node.attr.startswith("_")
-        else:
-            ok = isinstance(node, (ast.Expression, ast.Subscript, ast.Tuple, ast.Constant, ast.Load))
-        if not ok:
-            raise ValueError(f"not a type of a parser description: {source!r}")
-    return tree
-
-
-def _type(source: str, namespace: dict):
-    return eval(compile(_checked(source, set(namespace)), "<type>", "eval"), {"__builtins__": {}}, namespace)
-
-
-def _class_source(path: str, spec: dict, class_names: set[str]) -> str:
-    """Python source of a model class's stand-in: its described arguments, typed and with their defaults (each
-    checked: names are identifiers, types made of known names, defaults literals)."""
-    name, base = path.rpartition(".")[2], spec["base"]
-    for param in spec["params"]:
-        _checked(param["type"] or "typing.Any", set(_TYPE_NAMES) | class_names)
-        ast.literal_eval(param["default"])
-        if not param["name"].isidentifier():
-            raise ValueError(f"not an argument name: {param['name']!r}")
-    if not all(part.isidentifier() for part in f"{path}.{base or 'object'}".split(".")):
-        raise ValueError(f"not a class path: {path!r}")
-    lines = ["import typing, pathlib, datetime, collections.abc", "NoneType = type(None)"]
-    if base:
-        lines.append(f"from {base.rpartition('.')[0]} import {base.rpartition('.')[2]}")
-    lines.append(f"class {name}({base.rpartition('.')[2] if base else 'object'}):")
-    lines.append("    def __init__(self,")
-    lines += [f"                 {p['name']}: {p['type'] or 'typing.Any'} = {p['default']}," for p in spec["params"]]
-    lines.append("                 ): pass")
-    return "\n".join(lines) + "\n"
+    __init__.__signature__ = inspect.Signature([self, *params])
+    __init__.__annotations__ = {p.name: p.annotation for p in params}
+    base = classes[spec["base"]] if spec["base"] else object
+    return type(name, (base,), {"__init__": __init__, "__module__": module, "__qualname__": name})
 
 
 @contextlib.contextmanager
-def _stand_in_models(classes: dict):
+def _stand_in_models(described: dict):
     """The model classes, rebuilt from their described arguments, in place of their modules while the parser runs
-    (the real modules, when imported, are put back after), with every other import refused."""
-    order = []
-    while len(order) < len(classes):  # base classes first
-        order += [p for p, spec in classes.items() if p not in order and (spec["base"] in order or not spec["base"])]
-    modules = {path.rpartition(".")[0] for path in classes}
+    (the real modules, when imported, are put back after), with every other import refused. Yields {class path:
+    stand-in}."""
+    classes = {}
+    while len(classes) < len(described):  # base classes first
+        ready = [p for p, spec in described.items() if p not in classes and (spec["base"] in classes or not spec["base"])]
+        if not ready:
+            raise ValueError(f"model classes whose base is not described: {sorted(set(described) - set(classes))}")
+        classes.update({path: _stand_in(path, described[path], classes) for path in ready})
+    modules = {path.rpartition(".")[0]: types.ModuleType(path.rpartition(".")[0]) for path in classes}
+    for path, cls in classes.items():
+        setattr(modules[path.rpartition(".")[0]], cls.__name__, cls)
     saved = {name: sys.modules.get(name) for name in modules}
     finder = _NoOtherImports()
     sys.meta_path.insert(0, finder)
-    filenames = []
+    sys.modules.update(modules)
     try:
-        for path in order:
-            module = types.ModuleType(path.rpartition(".")[0])
-            module.__file__ = f"<dcssdae: described arguments of {path}>"
-            source = _class_source(path, classes[path], {p.rpartition(".")[2] for p in classes})
-            linecache.cache[module.__file__] = (len(source), None, source.splitlines(True), module.__file__)
-            filenames.append(module.__file__)  # (jsonargparse reads the source for the arguments' docs)
-            sys.modules[module.__name__] = module
-            exec(compile(source, module.__file__, "exec"), module.__dict__)  # noqa: S102 - source built above
-        yield
+        yield classes
     finally:
         sys.meta_path.remove(finder)
         for name, module in saved.items():
@@ -304,19 +295,14 @@ def _stand_in_models(classes: dict):
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
-        for filename in filenames:
-            linecache.cache.pop(filename, None)
 
 
-def _build(description: dict, subcommand: str, error):
-    """A jsonargparse parser with the described options of `subcommand` (the others are not needed)."""
+def _build(description: dict, subcommand: str, classes: dict[str, type]):
+    """A jsonargparse parser with the described options of `subcommand` (the others are not needed); `classes`: the
+    model classes' stand-ins. Returns (parser, the sub-command's parser, the options not rebuilt)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
     from jsonargparse._actions import _ActionConfigLoad
 
-    namespace = dict(_TYPE_NAMES)
-    for path in description["classes"]:
-        module, _, name = path.rpartition(".")
-        namespace[name] = getattr(sys.modules[module], name)
     top = ArgumentParser(prog="dcssdae", exit_on_error=False, allow_abbrev=False)
     top.add_argument("-c", "--config", action=ActionConfigFile)
     subcommands = top.add_subcommands(required=True, dest="subcommand")
@@ -331,13 +317,10 @@ def _build(description: dict, subcommand: str, error):
             opaque.append(action["dest"])
             sub.add_argument(*action["options"], type=typing.Any, default=action["default"])
         else:
-            hint = _type(action["type"], namespace)
-            sub.add_argument(*action["options"], type=hint, default=action["default"])
+            sub.add_argument(*action["options"], type=decode_type(action["type"], classes), default=action["default"])
     subcommands.add_subcommand(subcommand, sub)
-    for path, spec in description["classes"].items():
+    for spec in description["classes"].values():
         opaque += [f"model.{p['name']}" for p in spec["params"] if p["type"] is None]
-    top.error = error
-    sub.error = error
     return top, sub, sorted(set(opaque))
 
 
@@ -346,7 +329,8 @@ def check(argv: list[str]) -> int | None:
     printed: 0; an error reported: 2), None to go on to the full parser."""
     try:
         path = cache_file()
-        if path is None or not argv or argv[0] not in SUBCOMMANDS or not path.is_file():
+        if path is None or not argv or argv[0] not in SUBCOMMANDS or _environment_changes_parsing() or \
+                not path.is_file():
             return None
         description = json.loads(path.read_text())
         from dcssdae.command_line import expand_config_includes
@@ -373,30 +357,30 @@ def check(argv: list[str]) -> int | None:
 
 def _parse(description: dict, argv: list[str]) -> int | None:
     """Parse with the rebuilt parser: 2 (and the error printed) when it refuses the command line for a reason it is
-    sure of (kinds of dcssdae.command_line.explain_error: a value of the wrong type, a config file, an unknown option not
-    under a class-typed setting), None otherwise."""
+    sure of (kinds of dcssdae.command_line.explain_error: a value of the wrong type, a config file, an unknown option
+    not under a class-typed setting), None otherwise."""
     import jsonargparse  # noqa: F401 - with its optional dependencies, before other imports are refused
 
     from dcssdae.command_line import explain_error
 
-    reported = []
+    refusal = None
 
-    def error(message, ex=None):
+    def error(message, ex=None):  # the parsers' error handler: keep the first error if it is a sure one, and stop
+        nonlocal refusal
         lines, bad_keys, kind = explain_error(message, ex, sub, description["model_names"])
         if kind in ("type", "config") or (kind == "unknown" and not any(_under(key, opaque) for key in bad_keys)):
-            reported.append(lines)
+            refusal = lines
         raise _Stop(message)
 
-    with _stand_in_models(description["classes"]):
-        top, sub, opaque = _build(description, argv[0], error)
-        try:
+    with _stand_in_models(description["classes"]) as classes:
+        top, sub, opaque = _build(description, argv[0], classes)
+        top.error = sub.error = error
+        with contextlib.suppress(_Stop):
             top.parse_args(argv)
-        except _Stop:
-            pass
-    if not reported:
+    if refusal is None:
         return None
     prog = f"dcssdae {argv[0]}"
-    sys.stderr.write(f"{prog}: error: " + "\n".join(reported[0]) + f"\n(`{prog} --help` lists every option)\n")
+    sys.stderr.write(f"{prog}: error: " + "\n".join(refusal) + f"\n(`{prog} --help` lists every option)\n")
     return 2
 
 

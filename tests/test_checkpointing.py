@@ -325,7 +325,8 @@ def test_first_ctrl_c_saves_a_checkpoint(tmp_path):
 
 def test_ckpt_path_last_names_the_same_file_for_the_settings_the_log_folder_and_the_trainer(tmp_path):
     """`--ckpt_path last`: the settings restored (cli.last_checkpoint), the log folder continued
-    (callbacks.resume_log_folder) and the trainer's resume all take Lightning's choice, the newest last*.ckpt."""
+    (callbacks.resume_log_folder) and the trainer's resume all take Lightning's choice, the newest last*.ckpt of the
+    checkpoint folders."""
     import types
 
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -335,20 +336,22 @@ def test_ckpt_path_last_names_the_same_file_for_the_settings_the_log_folder_and_
     from dcssdae.checkpointing import last_checkpoint_in
     from dcssdae.cli import last_checkpoint
 
-    folder = tmp_path / "checkpoints"
-    folder.mkdir()
+    folder, other = tmp_path / "checkpoints", tmp_path / "other"
     logs = str(tmp_path / "logs" / "lightning_logs")
-    for age, (name, version) in enumerate([("last-v1.ckpt", 3), ("last.ckpt", 1), ("epoch=0.ckpt", 0)]):
+    files = [(folder, "last-v1.ckpt", 3), (folder, "last.ckpt", 1), (folder, "epoch=0.ckpt", 0), (other, "last.ckpt", 5)]
+    for where, name, version in files:
+        where.mkdir(exist_ok=True)
         torch.save({"log_folders": [{"logger": "TensorBoardLogger", "root_dir": logs, "version": version}]},
-                   folder / name)
-        os.utime(folder / name, (1000 - age, 1000 - age))  # last-v1.ckpt is the newest
-    callback = ModelCheckpoint(dirpath=str(folder))
-    expected = str(folder / "last-v1.ckpt")
-    assert last_checkpoint_in(folder) == expected
-    assert last_checkpoint({"checkpoint": {"dirpath": str(folder)}}) == expected
-    assert last_checkpoint({"trainer": {"default_root_dir": str(tmp_path)}}) == expected  # <root>/checkpoints
+                   where / name)
+        os.utime(where / name, (1000 + version, 1000 + version))  # newest: other/last.ckpt, then last-v1.ckpt
+    newest_here = str(folder / "last-v1.ckpt")
+    assert last_checkpoint_in(folder) == newest_here
+    assert last_checkpoint({"checkpoint": {"dirpath": str(folder)}}) == newest_here
+    assert last_checkpoint({"trainer": {"default_root_dir": str(tmp_path)}}) == newest_here  # <root>/checkpoints
     assert last_checkpoint_in(tmp_path / "none") is None and last_checkpoint_in("s3://bucket/run") is None
-    trainer = types.SimpleNamespace(checkpoint_callback=callback, loggers=[TensorBoardLogger(str(tmp_path / "logs"))])
-    assert max(callback._find_last_checkpoints(trainer), key=os.path.getmtime) == expected  # Lightning's choice
+    callbacks = [ModelCheckpoint(dirpath=str(folder)), ModelCheckpoint(dirpath=str(other))]
+    trainer = types.SimpleNamespace(checkpoint_callbacks=callbacks, loggers=[TensorBoardLogger(str(tmp_path / "logs"))])
+    lightnings = max((p for c in callbacks for p in c._find_last_checkpoints(trainer)), key=os.path.getmtime)
+    assert last_checkpoint_in(folder, other) == lightnings == str(other / "last.ckpt")
     resume_log_folder(trainer, "last")
-    assert trainer.loggers[0].version == 3
+    assert trainer.loggers[0].version == 5

@@ -72,3 +72,13 @@ def test_shards_from_a_missing_or_empty_folder_is_one_line(capsys, tmp_path):
         assert f"{source} {says}" in err, err
         assert "image folder" in err and "parquet" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_that_is_not_yaml_is_one_line_naming_the_file_and_the_place(capsys, tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer:\n  max_steps: [1\n")
+    assert main(["fit", *QUICKSTART, "--config", str(broken)]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == (f"dcssdae: error: config {broken}: not valid YAML (line 3, column 1): expected "
+                                   "',' or ']', but got '<stream end>'"), err
+    assert "Traceback" not in err

@@ -203,7 +203,7 @@ def test_a_mistake_is_reported_without_importing_torch_or_lightning(cached):
     assert result.stderr.startswith("dcssdae fit: error: --model.lr takes a float, got 'fast'"), result.stderr
 
 
-def test_a_description_of_other_code_is_never_used(cached, tmp_path, capsys):
+def test_a_description_of_other_code_is_never_used(tmp_path):
     package = tmp_path / "dcssdae"
     shutil.copytree(Path(parser_cache.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
     before = parser_cache.fingerprint(package)
@@ -211,13 +211,53 @@ def test_a_description_of_other_code_is_never_used(cached, tmp_path, capsys):
     system = package / "system.py"
     system.write_text(system.read_text() + "\n# a change\n")
     assert parser_cache.fingerprint(package) != before
-    # another name: this code's description is not there, so the full parser checks the command line
-    description = next(cached.glob("parser-*.json"))
-    moved = description.rename(description.with_name("parser-0123456789abcdef01234567.json"))
+    assert parser_cache.cache_file().name == f"parser-{before}.json"  # the file is named by the code it describes
+
+
+@pytest.mark.parametrize("text", ["", "{", "[]", "{}", "\x00\xff", "CLASS_LOOP"])
+def test_a_damaged_description_leaves_the_command_line_to_the_full_parser(cached, capsys, text):
+    path = parser_cache.cache_file()
+    original = path.read_text()
+    if text == "CLASS_LOOP":  # a base class that is not described
+        description = json.loads(original)
+        description["classes"]["dcssdae.distill.DistillSystem"]["base"] = "dcssdae.other.Gone"
+        text = json.dumps(description)
     try:
+        path.write_text(text)
         assert check(capsys, ["fit", *QUICKSTART, "--model.lr", "fast"]) == (None, "", "")
     finally:
-        moved.rename(description)
+        path.write_text(original)
+
+
+def test_options_from_environment_variables_are_left_to_the_full_parser(cached, capsys, monkeypatch, tmp_path):
+    """With JSONARGPARSE_DEFAULT_ENV, options come from variables named after each parser (PL_FIT__... for the full
+    one): the check steps aside, and writes no description (its help would list the variables)."""
+    monkeypatch.setenv("JSONARGPARSE_DEFAULT_ENV", "true")
+    monkeypatch.setenv("PL_FIT__MODEL", "dcssdae.distill.DistillSystem")
+    assert check(capsys, ["fit", "--model.teacher_steps", "3"]) == (None, "", "")
+    monkeypatch.setenv("DCSSDAE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(parser_cache, "describe_parser", lambda *a: {"subcommands": {}})
+    parser_cache.write(None, {}, [], ["fit"])
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.delenv("JSONARGPARSE_DEFAULT_ENV")
+    parser_cache.write(None, {}, [], ["fit"])
+    assert [p.name for p in tmp_path.iterdir()] == [parser_cache.cache_file().name]
+
+
+def test_a_valid_command_line_checked_first_leaves_nothing_behind(cached):
+    """In a new process: the check of a valid command line puts the real model modules in place afterwards (none:
+    not imported yet), then the full parser imports the real classes."""
+    code = ("import sys\nfrom dcssdae import parser_cache\nfinders = list(sys.meta_path)\n"
+            f"config = {str(CONFIGS / 'quickstart.yaml')!r}\n"
+            "assert parser_cache.check(['fit', '--config', config, '--model.lr', 'fast']) == 2\n"  # (it parses)
+            "assert parser_cache.check(['fit', '--config', config]) is None\n"
+            "assert sys.meta_path == finders and 'torch' not in sys.modules\n"
+            "assert not {'dcssdae.system', 'dcssdae.distill'} & set(sys.modules)\n"
+            "import lightning.pytorch as pl\nfrom dcssdae.cli import model_classes\n"
+            "assert all(issubclass(c, pl.LightningModule) for c in model_classes().values())\nprint('OK')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.stdout.strip() == "OK", result.stderr[-2000:]
 
 
 def test_the_cache_can_be_turned_off(cached, capsys, monkeypatch):
@@ -240,22 +280,26 @@ def test_only_the_newest_descriptions_are_kept(tmp_path, monkeypatch):
     assert json.loads(parser_cache.cache_file().read_text()) == {"subcommands": {}}
 
 
-def test_type_sources_rebuild_the_same_types():
+def test_types_are_described_as_json_and_rebuilt_the_same():
     import datetime
     import pathlib
     import typing
 
-    namespace = {"typing": typing, "pathlib": pathlib, "datetime": datetime, "collections": __import__("collections"),
-                 "NoneType": type(None)}
+    class Model:
+        pass
+
     for hint in (int, typing.Optional[int], typing.Union[str, pathlib.Path, None],  # noqa: UP007, UP045
                  typing.Literal["a", 1, None], list[int], dict[str, typing.Any], tuple[float, ...], int | None,  # noqa: PYI061
-                 datetime.timedelta):
-        assert eval(parser_cache.type_source(hint, {}), namespace) == hint
-    for opaque in (object, typing.Union[int, object], list[object]):  # noqa: UP007
+                 datetime.timedelta, typing.Optional[Model]):  # noqa: UP045
+        encoded = parser_cache.encode_type(hint, {Model: "pkg.Model"})
+        assert json.loads(json.dumps(encoded)) == encoded
+        assert parser_cache.decode_type(encoded, {"pkg.Model": Model}) == hint
+    for opaque in (object, typing.Union[int, object], list[object], typing.Literal[b"x"]):  # noqa: UP007
         with pytest.raises(parser_cache._Opaque):
-            parser_cache.type_source(opaque, {})
+            parser_cache.encode_type(opaque, {})
 
 
+@pytest.mark.slow  # imports Lightning three times in new processes (~15 s)
 def test_the_startup_benchmark_times_both_ways(tmp_path):
     import importlib.util
 
@@ -266,28 +310,24 @@ def test_the_startup_benchmark_times_both_ways(tmp_path):
     assert json.loads((tmp_path / "startup.json").read_text()) == json.loads(json.dumps(result))
     (row,) = result["rows"]
     assert row["command"] == "dcssdae fit --help" and row["exit_code"] == 0 and row["same_exit_code"]
-    assert row["cached_s"] > 0 and row["full_s"] > 0 and row["ratio"] == pytest.approx(
-        row["cached_s"] / row["full_s"], rel=0.01, abs=0.002)
+    assert row["cached_s"] > 0 and row["full_s"] > 0 and row["ratio"] > 0
 
 
-@pytest.mark.parametrize("where", ["option", "model argument", "model default"])
-def test_a_tampered_description_is_not_run(cached, capsys, tmp_path, where):
-    """A description is data: a type or default that is not one (here code that writes a file) is refused, and the
-    full parser checks the command line."""
-    marker = tmp_path / "ran"
-    code = f"(open({str(marker)!r}, 'w'), int)[1]"
+@pytest.mark.parametrize("where", ["option", "model argument"])
+def test_a_description_names_types_only_from_its_tables(cached, capsys, where):
+    """A description is data: a type is looked up in fixed tables, never evaluated; a name outside them (here an
+    attempt to run code) leaves the command line to the full parser."""
+    code = "__import__('os').system('true')"
     path = parser_cache.cache_file()
     original = path.read_text()
     description = json.loads(original)
     if where == "option":
         action = next(a for a in description["subcommands"]["fit"]["actions"] if a.get("dest") == "trainer.max_steps")
-        action["type"] = code
+        action["type"] = ["Union", code]
     else:
-        param = description["classes"]["dcssdae.system.DCSSDAESystem"]["params"][0]
-        param["type" if where == "model argument" else "default"] = code
+        description["classes"]["dcssdae.system.DCSSDAESystem"]["params"][0]["type"] = code
     try:
         path.write_text(json.dumps(description))
         assert check(capsys, ["fit", *QUICKSTART, "--model.lr", "fast"]) == (None, "", "")
     finally:
         path.write_text(original)
-    assert not marker.exists()
