@@ -114,7 +114,7 @@ def make_cli_class():
             from dcssdae import parser_cache
 
             # later commands check their command line from this description before importing Lightning
-            parser_cache.write(parser, model_classes(), model_argument_names(), self.given_args)
+            parser_cache.write(parser, classes_by_path(), model_argument_names(), self.given_args)
             super().parse_arguments(parser, args)
             preflight(self.config, self.command_line or self.given_args)
 
@@ -486,6 +486,14 @@ def model_classes() -> dict[str, type]:
     from dcssdae.system import DCSSDAESystem
 
     return {"dcssdae.system.DCSSDAESystem": DCSSDAESystem, "dcssdae.distill.DistillSystem": DistillSystem}
+
+
+def classes_by_path() -> dict[str, type]:
+    """Every class of this package a config names by class_path: the model classes and the corruptions."""
+    from dcssdae.objectives import EquilibriumMatching, FlowMatching
+
+    return {**model_classes(), "dcssdae.objectives.EquilibriumMatching": EquilibriumMatching,
+            "dcssdae.objectives.FlowMatching": FlowMatching}
 
 
 def model_argument_names() -> list[str]:

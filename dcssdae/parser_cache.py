@@ -1,10 +1,11 @@
 """Checking a command line before Lightning is imported, from a cached description of the `dcssdae` parser.
 
 Importing Lightning takes about 5 s on 2 CPU cores (torch, then torchmetrics, which imports torchvision and
-scipy.signal), so a mistyped option would be reported only after it. The full LightningCLI (dcssdae.cli) describes its parser to a
-cache file the first time it runs after an install or a change of the code: every option with its type and default,
-the arguments of the model classes, the help texts. Later commands rebuild an equivalent jsonargparse parser from the
-description (no torch, no Lightning) and parse the command line with it first:
+scipy.signal), so a mistyped option would be reported only after it. The full LightningCLI (dcssdae.cli) describes
+its parser to a cache file the first time it runs after an install or a change of the code: every option with its
+type and default, the arguments of the classes a config names by class_path (the models, the corruptions), the help
+texts. Later commands rebuild an equivalent jsonargparse parser from the description (no torch, no Lightning) and
+parse the command line with it first:
 
 - `dcssdae fit --help` prints the cached help;
 - an error this check is sure of (an option that does not exist, a value of the wrong type for an option of a plain
@@ -89,7 +90,7 @@ def _this_fingerprint() -> str:  # (read once per process: the check and the ful
 # ------------------------------------------------------------------------------------------------
 # Describing the full parser (called by the LightningCLI once it has built its parser).
 
-# A type in a description is JSON: a name of _NAMED, a described model class ("model:<class path>"), or
+# A type in a description is JSON: a name of _NAMED, a described class ("class:<class path>"), or
 # [construct, argument, ...] with a construct of _CONSTRUCTS (Literal's arguments are the values themselves). Anything
 # else is "not rebuilt" (None in the description, `Any` in the rebuilt parser).
 _NAMED = {"int": int, "float": float, "bool": bool, "str": str, "bytes": bytes, "dict": dict, "list": list,
@@ -105,11 +106,11 @@ class _Opaque(Exception):
 
 
 def encode_type(hint, classes: dict[type, str]):
-    """`hint` as JSON (see _NAMED, _CONSTRUCTS); `classes`: {model class: its class path}. Raises _Opaque for a type
-    that names any other class."""
+    """`hint` as JSON (see _NAMED, _CONSTRUCTS); `classes`: {described class: its class path}. Raises _Opaque for a
+    type that names any other class."""
     try:
         if hint in classes:
-            return f"model:{classes[hint]}"
+            return f"class:{classes[hint]}"
     except TypeError:  # an unhashable hint
         raise _Opaque(hint) from None
     named = next((name for name, value in _NAMED.items() if hint is value), None)
@@ -127,14 +128,21 @@ def encode_type(hint, classes: dict[type, str]):
 
 
 def decode_type(encoded, classes: dict[str, type]):
-    """The type `encoded` (encode_type's JSON) names; `classes`: {class path: model class (stand-in)}. A name that is
+    """The type `encoded` (encode_type's JSON) names; `classes`: {class path: class (a stand-in)}. A name that is
     not in the tables raises KeyError."""
     if isinstance(encoded, str):
-        return classes[encoded[len("model:"):]] if encoded.startswith("model:") else _NAMED[encoded]
+        return classes[encoded[len("class:"):]] if encoded.startswith("class:") else _NAMED[encoded]
     name, *args = encoded
     if name != "Literal":
         args = [decode_type(a, classes) for a in args]
     return _CONSTRUCTS[name][tuple(args) if len(args) > 1 else args[0]]
+
+
+def _class_refs(encoded) -> set[str]:
+    """The class paths an encoded type names."""
+    if isinstance(encoded, str):
+        return {encoded[len("class:"):]} if encoded.startswith("class:") else set()
+    return set().union(*(_class_refs(a) for a in encoded[1:])) if encoded[0] != "Literal" else set()
 
 
 def _json_value(value) -> tuple[bool, object]:
@@ -167,14 +175,16 @@ def describe_class(cls, classes: dict[type, str]) -> list[dict]:
     return list(params.values())
 
 
-def describe_parser(parser, model_classes: dict[str, type], model_names: list[str]) -> dict:
+def describe_parser(parser, described: dict[str, type], model_names: list[str]) -> dict:
     """A JSON-able description of the LightningCLI parser: per sub-command its options in order (typed ones with
-    their type, or None, and default; group loaders) and help texts; the model classes' arguments."""
+    their type, or None, and default; group loaders) and help texts; the arguments of the `described` classes
+    ({class path: class}: those a class_path may name, e.g. the models and their corruptions) and the names of the
+    model arguments (for "did you mean")."""
     from jsonargparse import ActionConfigFile
     from jsonargparse._actions import _ActionConfigLoad
     from jsonargparse._typehints import ActionTypeHint
 
-    classes = {cls: path for path, cls in model_classes.items()}
+    classes = {cls: path for path, cls in described.items()}
     width = shutil.get_terminal_size().columns
     subcommands = {}
     for name, sub in parser._subcommands_action._name_parser_map.items():
@@ -185,18 +195,18 @@ def describe_parser(parser, model_classes: dict[str, type], model_names: list[st
             elif isinstance(action, _ActionConfigLoad):
                 actions.append({"kind": "group", "dest": action.dest, "options": action.option_strings})
             elif isinstance(action, ActionTypeHint):
-                described = _describe(action.dest, action._typehint, action.default, classes)
+                option = _describe(action.dest, action._typehint, action.default, classes)
                 actions.append({"kind": "typed", "dest": action.dest, "options": action.option_strings,
-                                "type": described["type"], "default": described["default"]})
+                                "type": option["type"], "default": option["default"]})
         subcommands[name] = {"actions": actions, "help": {str(width): sub.format_help()}}
-    bases = {path: next((p for p, c in model_classes.items() if c in cls.__mro__[1:]), None)
-             for path, cls in model_classes.items()}
+    bases = {path: next((p for p, c in described.items() if c in cls.__mro__[1:]), None)
+             for path, cls in described.items()}
     return {"subcommands": subcommands, "model_names": model_names,
             "classes": {path: {"base": bases[path], "params": describe_class(cls, classes)}
-                        for path, cls in model_classes.items()}}
+                        for path, cls in described.items()}}
 
 
-def write(parser, model_classes: dict[str, type], model_names: list[str], args: list[str]) -> None:
+def write(parser, described: dict[str, type], model_names: list[str], args: list[str]) -> None:
     """Describe the parser to the cache file unless it is there already; when `args` ask a sub-command's help at a
     terminal width the file has no help for, add it. Atomic; never fails the command."""
     try:
@@ -205,7 +215,7 @@ def write(parser, model_classes: dict[str, type], model_names: list[str], args: 
             return
         width, subcommand = str(shutil.get_terminal_size().columns), args[0] if args else None
         if not path.is_file():
-            description = describe_parser(parser, model_classes, model_names)
+            description = describe_parser(parser, described, model_names)
         elif subcommand in SUBCOMMANDS and any(a in ("-h", "--help") for a in args):
             description = json.loads(path.read_text())
             helps = description["subcommands"][subcommand]["help"]
@@ -251,7 +261,7 @@ class _NoOtherImports:
 
 
 def _stand_in(path: str, spec: dict, classes: dict[str, type]) -> type:
-    """A model class rebuilt from its described arguments (and its base, in `classes`): a class whose __init__ has
+    """A class rebuilt from its described arguments (and its base, in `classes`): a class whose __init__ has
     their names, types and defaults (it is never called: the check builds nothing)."""
     module, _, name = path.rpartition(".")
     self = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -269,15 +279,17 @@ def _stand_in(path: str, spec: dict, classes: dict[str, type]) -> type:
 
 
 @contextlib.contextmanager
-def _stand_in_models(described: dict):
-    """The model classes, rebuilt from their described arguments, in place of their modules while the parser runs
+def _stand_ins(described: dict):
+    """The described classes, rebuilt from their arguments, in place of their modules while the parser runs
     (the real modules, when imported, are put back after), with every other import refused. Yields {class path:
     stand-in}."""
+    needs = {path: {spec["base"]} - {None} | set().union(*(_class_refs(p["type"]) for p in spec["params"] if p["type"]))
+             for path, spec in described.items()}
     classes = {}
-    while len(classes) < len(described):  # base classes first
-        ready = [p for p, spec in described.items() if p not in classes and (spec["base"] in classes or not spec["base"])]
+    while len(classes) < len(described):  # each after its base and the classes its arguments name
+        ready = [path for path in described if path not in classes and needs[path] <= set(classes)]
         if not ready:
-            raise ValueError(f"model classes whose base is not described: {sorted(set(described) - set(classes))}")
+            raise ValueError(f"classes that need undescribed ones: {sorted(set(described) - set(classes))}")
         classes.update({path: _stand_in(path, described[path], classes) for path in ready})
     modules = {path.rpartition(".")[0]: types.ModuleType(path.rpartition(".")[0]) for path in classes}
     for path, cls in classes.items():
@@ -299,7 +311,7 @@ def _stand_in_models(described: dict):
 
 def _build(description: dict, subcommand: str, classes: dict[str, type]):
     """A jsonargparse parser with the described options of `subcommand` (the others are not needed); `classes`: the
-    model classes' stand-ins. Returns (parser, the sub-command's parser, the options not rebuilt)."""
+    described classes' stand-ins. Returns (parser, the sub-command's parser, the options not rebuilt)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
     from jsonargparse._actions import _ActionConfigLoad
 
@@ -307,21 +319,49 @@ def _build(description: dict, subcommand: str, classes: dict[str, type]):
     top.add_argument("-c", "--config", action=ActionConfigFile)
     subcommands = top.add_subcommands(required=True, dest="subcommand")
     sub = ArgumentParser(prog=f"dcssdae {subcommand}", exit_on_error=False, allow_abbrev=False)
-    opaque = []
     for action in description["subcommands"][subcommand]["actions"]:
         if action["kind"] == "config":
             sub.add_argument(*action["options"], action=ActionConfigFile)
         elif action["kind"] == "group":
             sub.add_argument(*action["options"], action=_ActionConfigLoad)
         elif action["type"] is None:  # a class-typed setting: anything goes here, the full parser checks it
-            opaque.append(action["dest"])
             sub.add_argument(*action["options"], type=typing.Any, default=action["default"])
         else:
             sub.add_argument(*action["options"], type=decode_type(action["type"], classes), default=action["default"])
     subcommands.add_subcommand(subcommand, sub)
-    for spec in description["classes"].values():
-        opaque += [f"model.{p['name']}" for p in spec["params"] if p["type"] is None]
-    return top, sub, sorted(set(opaque))
+    return top, sub, _not_rebuilt(description["subcommands"][subcommand]["actions"], description["classes"])
+
+
+def _not_rebuilt(actions: list[dict], described: dict) -> list[str]:
+    """The options typed `Any` in the rebuilt parser: the options and, below the options typed by described classes
+    (or their described subclasses), the arguments not rebuilt, as dotted keys (`model.loss_weights`)."""
+    found = []
+
+    def below(prefix: str, encoded, seen: frozenset) -> None:
+        named = _class_refs(encoded)
+        for path in [p for p in described if p not in seen and (named & _ancestors(p, described))]:
+            for param in described[path]["params"]:
+                key = f"{prefix}.{param['name']}"
+                if param["type"] is None:
+                    found.append(key)
+                else:
+                    below(key, param["type"], seen | {path})
+
+    for action in actions:
+        if action["kind"] == "typed" and action["type"] is None:
+            found.append(action["dest"])
+        elif action["kind"] == "typed":
+            below(action["dest"], action["type"], frozenset())
+    return sorted(set(found))
+
+
+def _ancestors(path: str, described: dict) -> set[str]:
+    """A described class and its described bases."""
+    found = set()
+    while path and path not in found:
+        found.add(path)
+        path = described[path]["base"] if path in described else None
+    return found
 
 
 def check(argv: list[str]) -> int | None:
@@ -372,7 +412,7 @@ def _parse(description: dict, argv: list[str]) -> int | None:
             refusal = lines
         raise _Stop(message)
 
-    with _stand_in_models(description["classes"]) as classes:
+    with _stand_ins(description["classes"]) as classes:
         top, sub, opaque = _build(description, argv[0], classes)
         top.error = sub.error = error
         with contextlib.suppress(_Stop):

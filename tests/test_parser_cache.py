@@ -134,6 +134,33 @@ def test_a_mistake_is_reported_in_the_words_of_the_full_parser(cached, capsys, e
     assert full_parse(argv) == ("exit 2", err)
 
 
+@pytest.mark.parametrize("argv", SHIPPED, ids=lambda a: Path(a[-1]).name)
+def test_a_mistake_is_reported_with_every_shipped_config(cached, capsys, argv):
+    """Including the configs that include others (the merge resolves the class_path of the model and of its
+    corruption: their stand-ins are described too)."""
+    argv = [*argv, "--trainer.max_stepz", "3"]
+    status, err, _ = check(capsys, argv)
+    assert status == 2
+    assert full_parse(argv) == ("exit 2", err)
+
+
+PHASE1 = ["--config", str(CONFIGS / "phase1.yaml")]
+
+
+@pytest.mark.parametrize(("extra", "refused"), [
+    (["--model.corruption.decay", "truncated"], False),
+    (["--model.corruption", "FlowMatching", "--model.corruption.init_args.logit_std", "2"], False),
+    (["--model.corruption.noise_power", "half"], True),
+    (["--model.corruption.init_args.decay", "bogus"], True),
+    (["--model.corruption.init_args.decayy", "1"], True),
+], ids=lambda a: str(a))
+def test_the_corruption_is_checked_like_the_model(cached, capsys, extra, refused):
+    argv = ["fit", *PHASE1, *extra]
+    status, err, _ = check(capsys, argv)
+    assert status == (2 if refused else None)
+    assert full_parse(argv) == (("exit 2", err) if refused else ("ok", ""))
+
+
 def test_a_wrong_key_in_a_config_file_is_reported(cached, capsys, tmp_path):
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("model:\n  init_args:\n    lrr: 3\ntrainer:\n  max_step: 3\n")
@@ -252,7 +279,7 @@ def test_a_valid_command_line_checked_first_leaves_nothing_behind(cached):
             "assert parser_cache.check(['fit', '--config', config, '--model.lr', 'fast']) == 2\n"  # (it parses)
             "assert parser_cache.check(['fit', '--config', config]) is None\n"
             "assert sys.meta_path == finders and 'torch' not in sys.modules\n"
-            "assert not {'dcssdae.system', 'dcssdae.distill'} & set(sys.modules)\n"
+            "assert not {'dcssdae.system', 'dcssdae.distill', 'dcssdae.objectives'} & set(sys.modules)\n"
             "import lightning.pytorch as pl\nfrom dcssdae.cli import model_classes\n"
             "assert all(issubclass(c, pl.LightningModule) for c in model_classes().values())\nprint('OK')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
