@@ -5,7 +5,8 @@ Each command runs as a new Python process (`python -m dcssdae.cli ...`), in inte
 --repeats runs is reported. "cached": the description of the parser is in the cache folder (a temporary one, written
 by one full run first), so help and mistakes are answered before torch or Lightning is imported
 (dcssdae.parser_cache). "full": `DCSSDAE_PARSER_CACHE=0`, the LightningCLI parser only. `ratio` = cached / full.
-The commands: `dcssdae --help` (a control: answered before either parser), `fit --help`, two mistakes, and a valid
+The commands: `dcssdae --help` (a control: answered before either parser), `fit --help`, two mistakes (one with the
+GPU recipe's phase-1 config, which includes configs/base.yaml), and a valid
 command line (validate with a checkpoint that does not exist: parsed, then stopped by the pre-flight check before
 anything is built), which the cached check passes on to the full parser (its cost: ratio - 1). The reference is the
 import of Lightning alone (`python -c "import lightning.pytorch"`).
@@ -33,7 +34,7 @@ COMMANDS = {  # name -> arguments of `dcssdae`
     "help (control)": ["--help"],
     "fit --help": ["fit", "--help"],
     "wrong type": ["fit", *QUICKSTART, "--model.lr", "fast"],
-    "abbreviation": ["fit", *QUICKSTART, "--trainer.max_step", "20"],
+    "abbreviation": ["fit", "--config", str(ROOT / "configs" / "phase1.yaml"), "--trainer.max_step", "20"],
     "valid": ["validate", *QUICKSTART, "--ckpt_path", "runs/missing/last.ckpt"],
 }
 
