@@ -6,10 +6,10 @@ Each command runs as a new Python process (`python -m dcssdae.cli ...`), in inte
 by one full run first), so help and mistakes are answered before torch or Lightning is imported
 (dcssdae.parser_cache). "full": `DCSSDAE_PARSER_CACHE=0`, the LightningCLI parser only. `ratio` = cached / full.
 The commands: `dcssdae --help` (a control: answered before either parser), `fit --help`, two mistakes (one with the
-GPU recipe's phase-1 config, which includes configs/base.yaml), and a valid
-command line (validate with a checkpoint that does not exist: parsed, then stopped by the pre-flight check before
-anything is built), which the cached check passes on to the full parser (its cost: ratio - 1). The reference is the
-import of Lightning alone (`python -c "import lightning.pytorch"`).
+GPU recipe's phase-1 config, which includes configs/base.yaml), and a valid command line (validate with a checkpoint
+that does not exist: parsed, then stopped by the pre-flight check before anything is built), which the cached check
+passes on to the full parser (its cost: ratio - 1). The reference is the import of Lightning alone
+(`python -c "import lightning.pytorch"`).
 
     python benchmarks/bench_startup.py --repeats 5 --json docs/bench/startup_cpu.json
 """
