@@ -165,13 +165,16 @@ def _describe(name: str, hint, default, classes: dict[type, str]) -> dict:
 
 
 def describe_class(cls, classes: dict[type, str]) -> list[dict]:
-    """Every argument jsonargparse finds for `cls` (through **kwargs), described by _describe."""
+    """Every argument jsonargparse finds for `cls` (through **kwargs), described by _describe; one without a default
+    is not rebuilt (the full parser says it is required)."""
     from jsonargparse._parameter_resolvers import get_signature_parameters
 
     params = {}
     for param in get_signature_parameters(cls, None, logger=False):
-        default = None if param.default is inspect.Parameter.empty else param.default
-        params.setdefault(param.name, _describe(param.name, param.annotation, default, classes))
+        if param.default is inspect.Parameter.empty:
+            params.setdefault(param.name, {"name": param.name, "type": None, "default": None})
+        else:
+            params.setdefault(param.name, _describe(param.name, param.annotation, param.default, classes))
     return list(params.values())
 
 

@@ -358,3 +358,15 @@ def test_a_description_names_types_only_from_its_tables(cached, capsys, where):
         assert check(capsys, ["fit", *QUICKSTART, "--model.lr", "fast"]) == (None, "", "")
     finally:
         path.write_text(original)
+
+
+def test_an_argument_without_a_default_is_left_to_the_full_parser():
+    import typing
+
+    class Model:
+        def __init__(self, required: int, lr: float = 0.1, anything: typing.Any = None, untyped=None):
+            pass
+
+    described = {p["name"]: (p["type"], p["default"]) for p in parser_cache.describe_class(Model, {})}
+    assert described == {"required": (None, None), "lr": ("float", 0.1), "anything": ("Any", None),
+                         "untyped": (None, None)}
