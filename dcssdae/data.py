@@ -16,7 +16,6 @@ import logging
 import math
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from dcssdae.datasets import (  # noqa: F401 (re-exported)
@@ -170,8 +169,7 @@ class ImageNetDataModule(TrainingPosition, L.LightningDataModule):
             raise ValueError(
                 f"aug_scale must be >= 1 (the short side is drawn in [S, S * aug_scale]), got {aug_scale}"
             )
-        if batch_size <= 0 or (val_batch_size is not None and val_batch_size <= 0):
-            raise ValueError(f"batch sizes must be positive, got {batch_size} and {val_batch_size}")
+        self._init_loading(batch_size, val_batch_size, num_workers, shuffle_buffer, train_epoch_size, seed, pin_memory)
         self.save_hyperparameters()
         self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
         self.image_size, self.aug_scale = image_size, aug_scale
@@ -181,14 +179,6 @@ class ImageNetDataModule(TrainingPosition, L.LightningDataModule):
             raise ValueError(f"aug_permute is a probability in [0, 1], got {aug_permute}")
         self.aug_color, self.aug_permute = aug_color, aug_permute
         self.val_image_size = val_image_size or image_size
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
-        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
-        self.train_epoch_size, self.seed = train_epoch_size, seed
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.skipped_samples = {"train": 0, "val": 0}
-        self.classes: list[str] | None = None
-        self.train_position = (0, 0)  # (epoch, batch) just after the last training batch handed to the model
-        self.resume_position: tuple[int, int] | None = None  # train_position read from a checkpoint
 
     # -- Lightning hooks ---------------------------------------------------------------------------
 
@@ -214,12 +204,6 @@ class ImageNetDataModule(TrainingPosition, L.LightningDataModule):
             print(f"data: {len(self.train_urls)} training shards, e.g. {self.train_urls[0]}; "
                   f"{len(self.val_urls)} validation shards, e.g. {self.val_urls[0]}"
                   + (f"; {len(self.test_urls)} test shards, e.g. {self.test_urls[0]}" if testing else ""))
-
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is not None:
-            return trainer.global_rank, trainer.world_size
-        return _dist_rank_world(None, None)
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
         return DataLoader(
@@ -265,16 +249,6 @@ class ImageNetDataModule(TrainingPosition, L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
-
-    def _train_start(self) -> tuple[int, int] | None:
-        """(epoch, first batch) for the next training iteration: the trainer's epoch, and when resuming into
-        the checkpoint's epoch, the batches of it already trained on. None outside `fit`."""
-        trainer = self.trainer
-        if trainer is None or trainer.state.fn != "fit":
-            return None
-        epoch = trainer.current_epoch
-        resume = self.resume_position
-        return epoch, resume[1] if resume is not None and resume[0] == epoch else 0
 
     def _eval_loader(self, urls: list[str]) -> DataLoader:
         """Every image of `urls` exactly once across ranks and workers, at `val_image_size`."""

@@ -366,9 +366,39 @@ class TrainShards(IterableDataset):
 
 
 class TrainingPosition:
-    """Mixin for a LightningDataModule over `TrainShards`: counts skipped samples and keeps the training position
-    (epoch, next batch) in its state_dict, so that a resumed run continues mid-epoch. The module's __init__ sets
-    `skipped_samples = {"train": 0, "val": 0}`, `train_position = (0, 0)` and `resume_position = None`."""
+    """Mixin for a LightningDataModule over `TrainShards`: keeps its loader settings (`_init_loading`, called by the
+    module's __init__), counts skipped samples and keeps the training position (epoch, next batch) in its
+    state_dict, so that a resumed run continues mid-epoch (`_train_start`)."""
+
+    def _init_loading(self, batch_size: int, val_batch_size: int | None, num_workers: int, shuffle_buffer: int,
+                      train_epoch_size: int | None, seed: int, pin_memory: bool | None) -> None:
+        """Check and keep the loader settings (see the data modules' arguments); start counting and positioning."""
+        if batch_size <= 0 or (val_batch_size is not None and val_batch_size <= 0):
+            raise ValueError(f"batch sizes must be positive, got {batch_size} and {val_batch_size}")
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.train_epoch_size, self.seed = train_epoch_size, seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.skipped_samples = {"train": 0, "val": 0}
+        self.classes: list[str] | None = None
+        self.train_position = (0, 0)  # (epoch, batch) just after the last training batch handed to the model
+        self.resume_position: tuple[int, int] | None = None  # train_position read from a checkpoint
+
+    def _rank_world(self) -> tuple[int, int]:
+        """(rank, world size): the trainer's, else torch.distributed's (or (0, 1))."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else _dist_rank_world(None, None)
+
+    def _train_start(self) -> tuple[int, int] | None:
+        """(epoch, first batch) for the next training iteration: the trainer's epoch, and when resuming into the
+        checkpoint's epoch, the batches of it already trained on. None outside `fit` (each iteration is then the
+        next epoch)."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return None
+        epoch = trainer.current_epoch
+        resume = self.resume_position
+        return epoch, resume[1] if resume is not None and resume[0] == epoch else 0
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Move the per-batch skip count into `skipped_samples` and note the training position, leaving the sample

@@ -37,7 +37,6 @@ from dcssdae.datasets import (
     TrainingPosition,
     TrainShards,
     ValShards,
-    _dist_rank_world,
     _local_path,
     _shuffled,
     _worker,
@@ -268,20 +267,11 @@ class LatentDataModule(TrainingPosition, L.LightningDataModule):
         super().__init__()
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-        if batch_size <= 0 or (val_batch_size is not None and val_batch_size <= 0):
-            raise ValueError(f"batch sizes must be positive, got {batch_size} and {val_batch_size}")
+        self._init_loading(batch_size, val_batch_size, num_workers, shuffle_buffer, train_epoch_size, seed, pin_memory)
         self.save_hyperparameters()
         self.train_shards, self.val_shards, self.stats_path = train_shards, val_shards, stats
         self.normalize, self.scaling_factor, self.shift_factor = normalize, scaling_factor, shift_factor
         self.sample_posterior, self.flip = sample_posterior, flip
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
-        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
-        self.train_epoch_size, self.seed = train_epoch_size, seed
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.skipped_samples = {"train": 0, "val": 0}
-        self.classes: list[str] | None = None
-        self.train_position = (0, 0)  # (epoch, batch) just after the last training batch handed to the model
-        self.resume_position: tuple[int, int] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         self.train_urls = latent_urls(self.train_shards)
@@ -294,10 +284,6 @@ class LatentDataModule(TrainingPosition, L.LightningDataModule):
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of the latents (from stats.json)."""
         return tuple(self.stats["latent_shape"])
-
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else _dist_rank_world(None, None)
 
     def train_dataloader(self) -> DataLoader:
         if not hasattr(self, "train_urls"):
@@ -314,15 +300,6 @@ class LatentDataModule(TrainingPosition, L.LightningDataModule):
                                     self.flip, buffer, self.seed, rank)
         return PositionedLoader(dataset, self._train_start, num_workers=self.num_workers, pin_memory=self.pin_memory,
                                  persistent_workers=self.num_workers > 0)
-
-    def _train_start(self) -> tuple[int, int] | None:
-        """(epoch, first batch) of the next training iteration inside `fit` (resuming: the batches already
-        trained on are left out); None outside a trainer's fit (each iteration is then the next epoch)."""
-        trainer = self.trainer
-        if trainer is None or trainer.state.fn != "fit":
-            return None
-        resume = self.resume_position
-        return trainer.current_epoch, resume[1] if resume is not None and resume[0] == trainer.current_epoch else 0
 
     def val_dataloader(self) -> DataLoader | list:
         if not hasattr(self, "val_urls"):
