@@ -34,7 +34,6 @@ import hashlib
 import inspect
 import json
 import os
-import pathlib
 import re
 import shutil
 import sys
@@ -94,7 +93,7 @@ def _this_fingerprint() -> str:  # (read once per process: the check and the ful
 # [construct, argument, ...] with a construct of _CONSTRUCTS (Literal's arguments are the values themselves). Anything
 # else is "not rebuilt" (None in the description, `Any` in the rebuilt parser).
 _NAMED = {"int": int, "float": float, "bool": bool, "str": str, "bytes": bytes, "dict": dict, "list": list,
-          "tuple": tuple, "set": set, "type": type, "NoneType": type(None), "Path": pathlib.Path,
+          "tuple": tuple, "set": set, "type": type, "NoneType": type(None), "Path": Path,
           "timedelta": datetime.timedelta, "Any": typing.Any, "...": Ellipsis}
 _CONSTRUCTS = {"Union": typing.Union, "Literal": typing.Literal, "list": list, "dict": dict, "tuple": tuple,
                "set": set, "type": type, "Sequence": collections.abc.Sequence, "Mapping": collections.abc.Mapping,
